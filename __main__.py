@@ -1,0 +1,34 @@
+"""A reliable Celery worker cluster: config -> GKE -> RabbitMQ -> workers -> exports."""
+
+import pulumi
+
+from components import config as stack_config
+from components.gke import GkeCluster, existing_cluster_provider
+from components.rabbitmq import RabbitmqCluster
+from components.worker_image import worker_image
+from components.workers import CeleryWorkers
+
+# Validated before anything is created: a bad key or value stops here.
+config = stack_config.load()
+
+if config.target == "gke":
+    gke = GkeCluster("celery", config)
+    provider = gke.provider
+    pulumi.export("cluster_name", gke.cluster_name)
+    pulumi.export("endpoint", gke.endpoint)
+    pulumi.export("kubeconfig", gke.kubeconfig)
+else:
+    provider = existing_cluster_provider(config)
+
+rabbitmq = RabbitmqCluster("rabbitmq", config, provider)
+workers = CeleryWorkers(
+    "workers", config, provider, rabbitmq.broker_urls, worker_image(config)
+)
+
+pulumi.export("broker_urls", rabbitmq.broker_urls)
+pulumi.export("rabbitmq_namespace", rabbitmq.namespace)
+pulumi.export("workers_namespace", workers.namespace)
+pulumi.export(
+    "management_ui",
+    f"kubectl -n {config.rabbitmq.namespace} port-forward svc/rabbitmq 15672:15672",
+)

@@ -1,0 +1,462 @@
+"""The typed stack configuration: every key the program reads, in one place.
+
+`Pulumi.<stack>.yaml` replaces the article's Helm values. All project keys are
+read here into frozen dataclasses and validated BEFORE any resource is
+created, so a typo or a dangerous value stops `pulumi up` with a message that
+names the key, the value and what is allowed, and nothing is half-built.
+
+Defaults are the durable choice (Retain volumes, deletion protection on,
+required anti-affinity): a key forgotten in a stack file never deletes data.
+`Pulumi.dev.yaml` opts into the cheap, disposable values explicitly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args, get_origin
+
+PROJECT = "celery-cluster"
+
+Target = Literal["gke", "existing"]
+Environment = Literal["development", "production"]
+ReleaseChannel = Literal["RAPID", "REGULAR", "STABLE"]
+NodeDiskType = Literal["pd-standard", "pd-balanced", "pd-ssd"]
+AntiAffinity = Literal["required", "preferred"]
+RetentionPolicy = Literal["Retain", "Delete"]
+WorkerPool = Literal["threads", "prefork", "solo"]
+
+# The storage classes this program creates itself (the article's two options,
+# through the GCE PD CSI driver). Any other name refers to a class that already
+# exists in the cluster (e.g. "standard" on minikube or kind).
+MANAGED_STORAGE_TYPES = ("pd-ssd", "pd-balanced")
+
+# Kubernetes minor versions whose API the manifests are written (and
+# schema-checked) for. persistentVolumeClaimRetentionPolicy is on by default
+# from 1.27 and GA in 1.32.
+SUPPORTED_KUBERNETES_VERSIONS = ("1.30", "1.31", "1.32", "1.33", "1.34", "1.35")
+
+_GCE_MACHINE_TYPE = re.compile(r"^[a-z][a-z0-9]*-(custom-\d+-\d+|[a-z]+(-\d+)?)(-ext)?$")
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E|m)?$")
+_STORAGE_SIZE = re.compile(r"^[1-9][0-9]*(Mi|Gi|Ti)$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_GCP_REGION = re.compile(r"^[a-z]+-[a-z]+[0-9]+$")
+_GCP_ZONE = re.compile(r"^[a-z]+-[a-z]+[0-9]+-[a-z]$")
+_GCP_PROJECT = re.compile(r"^[a-z][-a-z0-9]{4,28}[a-z0-9]$")
+_CIDR = re.compile(r"^(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})/(\d{1,2})$")
+_IMAGE_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+
+
+class ConfigError(ValueError):
+    """A stack configuration value that is not allowed.
+
+    The message always names the full key, the value and what is allowed.
+    """
+
+    def __init__(self, key: str, value: Any, allowed: str) -> None:
+        self.key = key
+        self.value = value
+        self.allowed = allowed
+        super().__init__(f"invalid config {key} = {value!r}: {allowed}")
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Container requests and limits (Kubernetes quantities); limits are optional."""
+
+    cpu_request: str = "250m"
+    memory_request: str = "512Mi"
+    cpu_limit: str | None = None
+    memory_limit: str | None = None
+
+    def to_kubernetes(self) -> dict[str, dict[str, str]]:
+        out: dict[str, dict[str, str]] = {
+            "requests": {"cpu": self.cpu_request, "memory": self.memory_request}
+        }
+        limits = {
+            name: value
+            for name, value in (("cpu", self.cpu_limit), ("memory", self.memory_limit))
+            if value is not None
+        }
+        if limits:
+            out["limits"] = limits
+        return out
+
+
+@dataclass(frozen=True)
+class GkeConfig:
+    """The GKE cluster: a zonal cluster when `zone` is set, regional otherwise."""
+
+    region: str = "us-east1"
+    zone: str | None = "us-east1-c"
+    # Zonal: nodes in the zone. Regional: nodes in EACH of the region's zones.
+    nodes_per_zone: int = 3
+    machine_type: str = "e2-standard-2"
+    spot: bool = False
+    disk_type: NodeDiskType = "pd-balanced"
+    disk_size_gb: int = 50
+    release_channel: ReleaseChannel = "REGULAR"
+    deletion_protection: bool = True
+    subnet_cidr: str = "10.10.0.0/20"
+    pods_cidr: str = "10.20.0.0/14"
+    services_cidr: str = "10.24.0.0/20"
+
+    @property
+    def location(self) -> str:
+        return self.zone or self.region
+
+    @property
+    def node_count(self) -> int:
+        """Nodes the pool gives in total: GKE regions have three zones by default."""
+        return self.nodes_per_zone * (1 if self.zone else 3)
+
+
+@dataclass(frozen=True)
+class KubernetesConfig:
+    version: str = "1.33"
+    # For target "existing": the kubeconfig context to deploy into ("" = current).
+    context: str = ""
+
+
+@dataclass(frozen=True)
+class RabbitmqConfig:
+    replicas: int = 3
+    # The official image, management variant, tag pinned: no custom image, no join script.
+    image: str = "rabbitmq:4.1.4-management"
+    namespace: str = "rabbitmq"
+    storage_class: str = "pd-ssd"
+    storage_size: str = "10Gi"
+    anti_affinity: AntiAffinity = "required"
+    pvc_retention: RetentionPolicy = "Retain"
+    delivery_limit: int = 5
+    # preStop drains the node (waits for quorum queues to keep a majority
+    # elsewhere, then moves clients off) before Kubernetes sends SIGKILL.
+    termination_grace_seconds: int = 600
+    resources: Resources = field(
+        default_factory=lambda: Resources("500m", "1Gi", "1", "2Gi")
+    )
+
+    @property
+    def version(self) -> str:
+        """The RabbitMQ version the image tag pins, e.g. "4.1.4"."""
+        return self.image.rsplit(":", 1)[1].split("-", 1)[0]
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """The article's scheduler, as a Kubernetes Job that enqueues `tasks` count tasks."""
+
+    enabled: bool = False
+    tasks: int = 10_000
+    task_seconds: float = 1.0
+
+
+@dataclass(frozen=True)
+class WorkersConfig:
+    replicas: int = 3
+    # The article's tasks sleep: an I/O pool runs far more of them per pod than prefork.
+    pool: WorkerPool = "threads"
+    concurrency: int = 32
+    # A prebuilt image reference (pinned tag or digest). Empty: build app/ and
+    # push it to an Artifact Registry repository this program creates.
+    image: str = ""
+    namespace: str = "workers"
+    # The longest task's run time: the grace period lets a warm shutdown finish it.
+    longest_task_seconds: int = 10
+    resources: Resources = field(
+        default_factory=lambda: Resources("250m", "256Mi", "1", "512Mi")
+    )
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    @property
+    def termination_grace_seconds(self) -> int:
+        return max(60, self.longest_task_seconds + 30)
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    stack: str
+    target: Target = "gke"
+    environment: Environment = "production"
+    gcp_project: str = ""
+    gke: GkeConfig = field(default_factory=GkeConfig)
+    kubernetes: KubernetesConfig = field(default_factory=KubernetesConfig)
+    rabbitmq: RabbitmqConfig = field(default_factory=RabbitmqConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+
+    @property
+    def production(self) -> bool:
+        return self.environment == "production"
+
+    @property
+    def protect(self) -> bool:
+        """Pulumi `protect` on what holds data or takes long to rebuild."""
+        return self.production
+
+
+# --- reading -----------------------------------------------------------------
+
+# Top-level project keys and the StackConfig field each one fills.
+_TOP_LEVEL = {
+    "target": "target",
+    "environment": "environment",
+    "gke": "gke",
+    "kubernetes": "kubernetes",
+    "rabbitmq": "rabbitmq",
+    "workers": "workers",
+}
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
+
+
+def _unknown_key(key: str, allowed: typing.Iterable[str]) -> ConfigError:
+    allowed = sorted(allowed)
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1].split(":")[-1], allowed, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(key, "<set>", f"unknown key{hint}; allowed keys: {', '.join(allowed)}")
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check one value against its dataclass type hint; build nested dataclasses."""
+    origin = get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, Mapping):
+            raise ConfigError(key, value, "expected an object")
+        return _build(typing.cast(type, hint), value, key)
+    if origin is Literal:
+        choices = get_args(hint)
+        if value not in choices:
+            raise ConfigError(key, value, f"one of {', '.join(map(repr, choices))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, options[0], key)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, value, "true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, value, "an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, value, "a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, value, "a string")
+        return value
+    raise TypeError(f"no coercion for {hint!r} at {key}")  # a bug in this module
+
+
+def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    by_key = {_camel(f.name): f.name for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in by_key:
+            raise _unknown_key(f"{prefix}.{key}", by_key)
+        name = by_key[key]
+        kwargs[name] = _coerce(value, hints[name], f"{prefix}.{key}")
+    return cls(**kwargs)
+
+
+def _decode(key: str, value: Any) -> Any:
+    """Pulumi hands structured values to the program as JSON text."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+def load_stack_config(raw: Mapping[str, Any], stack: str) -> StackConfig:
+    """Build and validate the stack configuration from Pulumi's flat config map.
+
+    `raw` maps full keys ("celery-cluster:rabbitmq", "gcp:project") to values.
+    Keys of other namespaces (providers) are left to their owners, except
+    `gcp:project`, which the GKE target needs.
+    """
+    fields: dict[str, Any] = {"stack": stack}
+    hints = typing.get_type_hints(StackConfig)
+    for full_key, value in sorted(raw.items()):
+        namespace, _, key = full_key.partition(":")
+        if namespace != PROJECT:
+            continue
+        if key not in _TOP_LEVEL:
+            raise _unknown_key(full_key, _TOP_LEVEL)
+        name = _TOP_LEVEL[key]
+        fields[name] = _coerce(_decode(full_key, value), hints[name], full_key)
+    fields["gcp_project"] = raw.get("gcp:project") or ""
+    config = StackConfig(**fields)
+    validate(config)
+    return config
+
+
+# --- validation --------------------------------------------------------------
+
+
+def _key(path: str) -> str:
+    return f"{PROJECT}:{path}"
+
+
+def _check_quantity(path: str, value: str | None) -> None:
+    if value is not None and not _QUANTITY.match(value):
+        raise ConfigError(_key(path), value, "a Kubernetes quantity such as 500m, 1, 512Mi or 2Gi")
+
+
+def _check_resources(path: str, resources: Resources) -> None:
+    for name in ("cpu_request", "memory_request", "cpu_limit", "memory_limit"):
+        _check_quantity(f"{path}.{_camel(name)}", getattr(resources, name))
+
+
+def _check_image(path: str, image: str, *, repository: str | None = None) -> None:
+    if "@sha256:" in image:
+        return
+    name, sep, tag = image.rpartition(":")
+    if not sep or "/" in tag or not _IMAGE_TAG.match(tag) or tag == "latest":
+        raise ConfigError(
+            _key(path), image, "an image with a pinned tag or digest (not 'latest' or untagged)"
+        )
+    if repository is not None and name not in (repository, f"docker.io/library/{repository}"):
+        raise ConfigError(_key(path), image, f"the official {repository!r} image, e.g. {repository}:4.1.4-management")
+
+
+def _check_cidr(path: str, value: str) -> None:
+    match = _CIDR.match(value)
+    if not match or any(int(octet) > 255 for octet in match.groups()[:4]) or int(match[5]) > 32:
+        raise ConfigError(_key(path), value, "an IPv4 CIDR range such as 10.10.0.0/20")
+
+
+def validate(config: StackConfig) -> None:
+    """Reject values that are malformed or dangerous for this stack's environment."""
+    gke, rmq, workers = config.gke, config.rabbitmq, config.workers
+
+    if config.target == "gke":
+        if not config.gcp_project:
+            raise ConfigError(
+                "gcp:project",
+                None,
+                "required when target is 'gke': pulumi config set gcp:project <your-project-id>",
+            )
+        if not _GCP_PROJECT.match(config.gcp_project):
+            raise ConfigError("gcp:project", config.gcp_project, "a GCP project id (6-30 lowercase letters, digits, hyphens)")
+    if not _GCP_REGION.match(gke.region):
+        raise ConfigError(_key("gke.region"), gke.region, "a GCP region such as us-east1")
+    if gke.zone is not None:
+        if not _GCP_ZONE.match(gke.zone):
+            raise ConfigError(_key("gke.zone"), gke.zone, "a GCP zone such as us-east1-c")
+        if not gke.zone.startswith(gke.region + "-"):
+            raise ConfigError(
+                _key("gke.zone"), gke.zone, f"a zone of the configured region {gke.region!r}, e.g. {gke.region}-b"
+            )
+    if not _GCE_MACHINE_TYPE.match(gke.machine_type):
+        raise ConfigError(
+            _key("gke.machineType"), gke.machine_type, "a Compute Engine machine type such as e2-standard-2"
+        )
+    if gke.nodes_per_zone < 1:
+        raise ConfigError(_key("gke.nodesPerZone"), gke.nodes_per_zone, "an integer >= 1")
+    if not 10 <= gke.disk_size_gb <= 65536:
+        raise ConfigError(_key("gke.diskSizeGb"), gke.disk_size_gb, "an integer between 10 and 65536")
+    for name in ("subnet_cidr", "pods_cidr", "services_cidr"):
+        _check_cidr(f"gke.{_camel(name)}", getattr(gke, name))
+
+    if config.kubernetes.version not in SUPPORTED_KUBERNETES_VERSIONS:
+        raise ConfigError(
+            _key("kubernetes.version"),
+            config.kubernetes.version,
+            f"one of {', '.join(SUPPORTED_KUBERNETES_VERSIONS)}",
+        )
+
+    if rmq.replicas < 1:
+        raise ConfigError(_key("rabbitmq.replicas"), rmq.replicas, "an integer >= 1")
+    if config.production and (rmq.replicas < 3 or rmq.replicas % 2 == 0):
+        raise ConfigError(
+            _key("rabbitmq.replicas"),
+            rmq.replicas,
+            "an odd number >= 3 in a production stack: quorum queues and pause_minority "
+            "need a strict majority to survive losing a node",
+        )
+    _check_image("rabbitmq.image", rmq.image, repository="rabbitmq")
+    if not rmq.image.endswith("-management") and "@sha256:" not in rmq.image:
+        raise ConfigError(_key("rabbitmq.image"), rmq.image, "the management variant (tag ending in -management)")
+    for path, name in (("rabbitmq.namespace", rmq.namespace), ("workers.namespace", workers.namespace),
+                       ("rabbitmq.storageClass", rmq.storage_class)):
+        if not _DNS_LABEL.match(name):
+            raise ConfigError(_key(path), name, "a lowercase DNS label (a-z, 0-9, '-'; at most 63)")
+    if not _STORAGE_SIZE.match(rmq.storage_size):
+        raise ConfigError(_key("rabbitmq.storageSize"), rmq.storage_size, "a size in Mi, Gi or Ti such as 10Gi")
+    if config.target != "gke" and rmq.storage_class in MANAGED_STORAGE_TYPES:
+        raise ConfigError(
+            _key("rabbitmq.storageClass"),
+            rmq.storage_class,
+            "the name of a storage class that exists in the cluster (pd-ssd and pd-balanced need target 'gke')",
+        )
+    if rmq.delivery_limit < 1:
+        raise ConfigError(_key("rabbitmq.deliveryLimit"), rmq.delivery_limit, "an integer >= 1")
+    if rmq.termination_grace_seconds < 60:
+        raise ConfigError(
+            _key("rabbitmq.terminationGraceSeconds"), rmq.termination_grace_seconds,
+            "an integer >= 60: the preStop drain needs time",
+        )
+    if config.target == "gke" and rmq.anti_affinity == "required" and gke.node_count < rmq.replicas:
+        raise ConfigError(
+            _key("rabbitmq.replicas"),
+            rmq.replicas,
+            f"at most the {gke.node_count} node(s) the GKE pool gives, since anti-affinity is required",
+        )
+    _check_resources("rabbitmq.resources", rmq.resources)
+
+    if workers.replicas < 1:
+        raise ConfigError(_key("workers.replicas"), workers.replicas, "an integer >= 1")
+    if workers.concurrency < 1:
+        raise ConfigError(_key("workers.concurrency"), workers.concurrency, "an integer >= 1")
+    if workers.longest_task_seconds < 1:
+        raise ConfigError(_key("workers.longestTaskSeconds"), workers.longest_task_seconds, "an integer >= 1")
+    if workers.image:
+        _check_image("workers.image", workers.image)
+    elif config.target != "gke":
+        raise ConfigError(
+            _key("workers.image"), workers.image,
+            "a prebuilt image reference when target is 'existing' (the image is built only for GKE)",
+        )
+    _check_resources("workers.resources", workers.resources)
+    if workers.scheduler.tasks < 1:
+        raise ConfigError(_key("workers.scheduler.tasks"), workers.scheduler.tasks, "an integer >= 1")
+    if workers.scheduler.task_seconds < 0:
+        raise ConfigError(_key("workers.scheduler.taskSeconds"), workers.scheduler.task_seconds, "a number >= 0")
+    if config.production:
+        for path, res in (("rabbitmq.resources", rmq.resources), ("workers.resources", workers.resources)):
+            if res.cpu_limit is None or res.memory_limit is None:
+                raise ConfigError(
+                    _key(path), dataclasses.asdict(res),
+                    "cpuLimit and memoryLimit set in a production stack",
+                )
+
+
+def read_pulumi_config() -> dict[str, Any]:
+    """Every config key the Pulumi engine handed to this program, flat."""
+    from pulumi.runtime import config as runtime_config
+
+    raw: dict[str, Any] = dict(runtime_config.get_config_env())
+    raw.update(runtime_config.CONFIG.get())
+    return raw
+
+
+def load() -> StackConfig:
+    import pulumi
+
+    return load_stack_config(read_pulumi_config(), pulumi.get_stack())

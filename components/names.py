@@ -1,0 +1,28 @@
+"""Names and labels that more than one component must agree on."""
+
+PART_OF = "celery-cluster"
+
+RABBITMQ_APP = "rabbitmq"
+WORKER_APP = "celery-worker"
+SCHEDULER_APP = "celery-scheduler"
+
+# Pods carrying this label (in the workers namespace) may open AMQP
+# connections to RabbitMQ; the RabbitMQ NetworkPolicy admits nobody else.
+AMQP_CLIENT_LABEL = "celery-cluster/amqp-client"
+
+# Secret keys shared between the RabbitMQ component and the workers.
+BROKER_URLS_KEY = "broker-urls"
+
+
+def app_labels(app: str, component: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": app,
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/part-of": PART_OF,
+        "app.kubernetes.io/managed-by": "pulumi",
+    }
+
+
+def selector_labels(app: str) -> dict[str, str]:
+    """The stable subset used in selectors (selectors are immutable)."""
+    return {"app.kubernetes.io/name": app}

@@ -1,0 +1,196 @@
+"""Run the real `__main__.py` under Pulumi's mocks and record what it registers.
+
+No Pulumi CLI, no provider plugin, no cloud: the program's resource graph,
+every input, and the options the engine would see (protect, parent, provider)
+are captured from the mock monitor, in one fresh Pulumi runtime per run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import runpy
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pulumi
+import yaml
+from pulumi.runtime import mocks as pulumi_mocks
+from pulumi.runtime import settings as pulumi_settings
+from pulumi.runtime.stack import run_pulumi_func
+from pulumi.runtime.sync_await import _sync_await
+
+ROOT = Path(__file__).resolve().parent.parent
+PROJECT = "celery-cluster"
+# What `pulumi config set gcp:project ...` adds to a stack file in the README's steps.
+TEST_GCP_PROJECT = "celery-cluster-test"
+
+
+def stack_names() -> list[str]:
+    return sorted(p.name[len("Pulumi.") : -len(".yaml")] for p in ROOT.glob("Pulumi.*.yaml"))
+
+
+def stack_config(stack: str, *, gcp_project: str | None = TEST_GCP_PROJECT) -> dict[str, Any]:
+    """The `config:` map of Pulumi.<stack>.yaml, as the engine hands it over."""
+    document = yaml.safe_load((ROOT / f"Pulumi.{stack}.yaml").read_text()) or {}
+    config = dict(document.get("config") or {})
+    if gcp_project is not None:
+        config.setdefault("gcp:project", gcp_project)
+    return config
+
+
+@dataclass
+class Registered:
+    """One resource registration as the engine would receive it."""
+
+    urn: str
+    type: str
+    name: str
+    inputs: dict[str, Any]
+    custom: bool
+    protect: bool
+    parent: str
+    provider: str
+    retain_on_delete: bool
+    additional_secret_outputs: list[str]
+
+
+@dataclass
+class ProgramRun:
+    stack: str
+    resources: list[Registered] = field(default_factory=list)
+    outputs: dict[str, Any] = field(default_factory=dict)
+    secret_outputs: set[str] = field(default_factory=set)
+    error: BaseException | None = None
+
+    def of_type(self, type_: str) -> list[Registered]:
+        return [r for r in self.resources if r.type == type_]
+
+    def one(self, type_: str, name: str | None = None) -> Registered:
+        found = [r for r in self.of_type(type_) if name is None or r.name == name]
+        assert len(found) == 1, f"expected one {type_} {name or ''}, found {[r.name for r in found]}"
+        return found[0]
+
+    def kubernetes_objects(self) -> Iterator[tuple[Registered, dict[str, Any]]]:
+        """Every Kubernetes object the program registers, as a manifest."""
+        for r in self.resources:
+            if r.custom and r.type.startswith("kubernetes:") and r.type != "pulumi:providers:kubernetes":
+                yield r, manifest(r)
+
+    def kubernetes_object(self, kind: str, name: str | None = None) -> dict[str, Any]:
+        found = [
+            m
+            for _, m in self.kubernetes_objects()
+            if m["kind"] == kind and (name is None or m["metadata"]["name"] == name)
+        ]
+        assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+        return found[0]
+
+
+def manifest(r: Registered) -> dict[str, Any]:
+    """The object as it is applied: inputs minus Pulumi's bookkeeping."""
+    return {k: v for k, v in r.inputs.items() if not k.startswith("__")}
+
+
+class _Mocks(pulumi.runtime.Mocks):
+    def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str | None, dict]:
+        outputs = dict(args.inputs)
+        if args.typ == "gcp:container/cluster:Cluster":
+            # Computed by GCP at creation time; the kubeconfig is built from them.
+            outputs.update(
+                name=args.inputs.get("name", args.name),
+                endpoint="203.0.113.10",
+                masterAuth={"clusterCaCertificate": "TU9DSy1DQQ=="},
+            )
+        elif args.typ == "gcp:serviceaccount/account:Account":
+            outputs["email"] = f"{args.inputs['accountId']}@{TEST_GCP_PROJECT}.iam.gserviceaccount.com"
+        elif args.typ == "random:index/randomPassword:RandomPassword":
+            outputs["result"] = "x" * int(args.inputs.get("length", 16))
+        elif args.typ == "gcp:artifactregistry/repository:Repository":
+            outputs["repositoryId"] = args.inputs.get("repositoryId", args.name)
+        elif args.typ == "docker-build:index:Image":
+            outputs["ref"] = "us-east1-docker.pkg.dev/celery-cluster-test/workers/app@sha256:" + "0" * 64
+        if args.typ.startswith("kubernetes:") and "metadata" in outputs:
+            metadata = dict(outputs["metadata"])
+            metadata.setdefault("name", args.name)
+            outputs["metadata"] = metadata
+        return f"{args.name}-id", outputs
+
+    def call(self, args: pulumi.runtime.MockCallArgs) -> dict:
+        return {}
+
+
+class _RecordingMonitor(pulumi_mocks.MockMonitor):
+    def __init__(self, mocks: pulumi.runtime.Mocks, run: ProgramRun) -> None:
+        super().__init__(mocks)
+        self.run = run
+
+    def RegisterResource(self, request: Any) -> Any:  # noqa: N802 - gRPC method name
+        response = super().RegisterResource(request)
+        if request.type != "pulumi:pulumi:Stack":
+            self.run.resources.append(
+                Registered(
+                    urn=response.urn,
+                    type=request.type,
+                    name=request.name,
+                    inputs=self.resources[response.urn].state if response.urn in self.resources else {},
+                    custom=request.custom,
+                    protect=request.protect,
+                    parent=request.parent,
+                    provider=request.provider,
+                    retain_on_delete=request.retainOnDelete,
+                    additional_secret_outputs=list(request.additionalSecretOutputs),
+                )
+            )
+        return response
+
+
+def _plain(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def run_program(config: Mapping[str, Any], stack: str = "dev") -> ProgramRun:
+    """Run __main__.py once with `config` (full keys -> values) under mocks."""
+    run = ProgramRun(stack=stack)
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        pulumi_settings.set_root_resource(None)  # type: ignore[arg-type]
+        mocks = _Mocks()
+        pulumi.runtime.set_mocks(
+            mocks,
+            project=PROJECT,
+            stack=stack,
+            preview=False,
+            monitor=_RecordingMonitor(mocks, run),
+        )
+        # The engine hands structured values over as JSON text.
+        pulumi.runtime.set_all_config(
+            {k: v if isinstance(v, str) else json.dumps(v) for k, v in config.items()}
+        )
+        pulumi_settings.SETTINGS.rpc_manager.clear()
+        pulumi_settings.SETTINGS.outputs.clear()
+
+        def program() -> None:
+            runpy.run_path(str(ROOT / "__main__.py"), run_name="__main__")
+
+        try:
+            _sync_await(run_pulumi_func(program))
+        except Exception as error:  # recorded for the tests to assert on
+            run.error = error
+            return run
+
+        stack_resource = pulumi_settings.get_root_resource()
+        exported = getattr(stack_resource, "outputs", {}) or {}
+        for key, value in exported.items():
+            output = pulumi.Output.from_input(value)
+            run.outputs[key] = _plain(_sync_await(output.future()))
+            if _sync_await(output.is_secret()):
+                run.secret_outputs.add(key)
+        return run
+    finally:
+        pulumi.runtime.set_all_config({})
+        loop.close()
+        asyncio.set_event_loop(None)

@@ -1,0 +1,163 @@
+"""Bad input fails before anything is created, naming the key, the value and what is allowed."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from components.config import ConfigError, StackConfig, load_stack_config
+from tests.program import run_program, stack_config, stack_names
+
+
+def _with(stack: str, key: str, path: list[str], value: Any) -> dict[str, Any]:
+    """The stack file's config with one nested value replaced (or a key added)."""
+    config = copy.deepcopy(stack_config(stack))
+    node = config.setdefault(key, {})
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+    node[path[-1]] = value
+    return config
+
+
+def _rejected(config: dict[str, Any], stack: str, *fragments: str) -> ConfigError:
+    run = run_program(config, stack)
+    assert isinstance(run.error, ConfigError), f"expected a ConfigError, got {run.error!r}"
+    message = str(run.error)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    assert run.resources == [], "a rejected config must register nothing"
+    return run.error
+
+
+@pytest.mark.parametrize("stack", stack_names())
+def test_unknown_top_level_key_is_rejected(stack: str) -> None:
+    config = stack_config(stack)
+    config["celery-cluster:rabbitmqq"] = {"replicas": 3}
+    _rejected(config, stack, "celery-cluster:rabbitmqq", "unknown key", "did you mean 'rabbitmq'")
+
+
+@pytest.mark.parametrize("stack", stack_names())
+def test_unknown_nested_key_is_rejected(stack: str) -> None:
+    config = _with(stack, "celery-cluster:rabbitmq", ["replica"], 3)
+    _rejected(config, stack, "celery-cluster:rabbitmq.replica", "did you mean 'replicas'")
+
+
+def test_unknown_key_deep_inside_is_rejected() -> None:
+    config = _with("prod", "celery-cluster:workers", ["resources", "cpuLimt"], "1")
+    _rejected(config, "prod", "celery-cluster:workers.resources.cpuLimt", "cpuLimit")
+
+
+@pytest.mark.parametrize("replicas", [1, 2, 4])
+def test_production_needs_an_odd_majority_of_rabbitmq_nodes(replicas: int) -> None:
+    config = _with("prod", "celery-cluster:rabbitmq", ["replicas"], replicas)
+    _rejected(config, "prod", "celery-cluster:rabbitmq.replicas", repr(replicas), "odd number >= 3")
+
+
+def test_development_may_run_a_single_rabbitmq_node() -> None:
+    config = _with("dev", "celery-cluster:rabbitmq", ["replicas"], 1)
+    assert run_program(config, "dev").error is None
+
+
+@pytest.mark.parametrize("size", ["10GB", "10", "ten", "0Gi", "1.5Gi"])
+def test_malformed_storage_size_is_rejected(size: str) -> None:
+    config = _with("prod", "celery-cluster:rabbitmq", ["storageSize"], size)
+    _rejected(config, "prod", "celery-cluster:rabbitmq.storageSize", repr(size), "10Gi")
+
+
+@pytest.mark.parametrize("machine", ["e2 standard 2", "E2-STANDARD-2", "standard", ""])
+def test_malformed_machine_type_is_rejected(machine: str) -> None:
+    config = _with("dev", "celery-cluster:gke", ["machineType"], machine)
+    _rejected(config, "dev", "celery-cluster:gke.machineType", repr(machine), "machine type")
+
+
+@pytest.mark.parametrize("replicas", [0, -1])
+def test_worker_replicas_below_one_are_rejected(replicas: int) -> None:
+    config = _with("dev", "celery-cluster:workers", ["replicas"], replicas)
+    _rejected(config, "dev", "celery-cluster:workers.replicas", repr(replicas), ">= 1")
+
+
+def test_zone_outside_the_region_is_rejected() -> None:
+    config = _with("dev", "celery-cluster:gke", ["zone"], "europe-west1-b")
+    _rejected(config, "dev", "celery-cluster:gke.zone", "'europe-west1-b'", "'us-east1'")
+
+
+@pytest.mark.parametrize("stack", stack_names())
+def test_missing_gcp_project_is_rejected_for_the_gke_target(stack: str) -> None:
+    config = stack_config(stack, gcp_project=None)
+    config.pop("gcp:project", None)
+    _rejected(config, stack, "gcp:project", "pulumi config set gcp:project")
+
+
+def test_existing_target_needs_no_gcp_project() -> None:
+    config = stack_config("dev", gcp_project=None)
+    config["celery-cluster:target"] = "existing"
+    config["celery-cluster:rabbitmq"] = {**config["celery-cluster:rabbitmq"], "storageClass": "standard"}
+    config["celery-cluster:workers"] = {**config["celery-cluster:workers"], "image": "example/celery:1.0"}
+    run = run_program(config, "dev")
+    assert run.error is None
+    assert not [r for r in run.resources if r.type.startswith("gcp:")]
+
+
+@pytest.mark.parametrize(
+    ("key", "path", "value", "allowed"),
+    [
+        ("celery-cluster:target", [], "aks", "'gke', 'existing'"),
+        ("celery-cluster:environment", [], "staging", "'development', 'production'"),
+        ("celery-cluster:rabbitmq", ["replicas"], "3", "an integer"),
+        ("celery-cluster:rabbitmq", ["antiAffinity"], "soft", "'required', 'preferred'"),
+        ("celery-cluster:rabbitmq", ["pvcRetention"], "Keep", "'Retain', 'Delete'"),
+        ("celery-cluster:rabbitmq", ["image"], "rabbitmq:latest", "pinned tag"),
+        ("celery-cluster:rabbitmq", ["image"], "bitnami/rabbitmq:3.13.7", "official 'rabbitmq' image"),
+        ("celery-cluster:rabbitmq", ["image"], "rabbitmq:4.1.4", "management variant"),
+        ("celery-cluster:gke", ["spot"], "yes", "true or false"),
+        ("celery-cluster:gke", ["subnetCidr"], "10.0.0.0/33", "CIDR"),
+        ("celery-cluster:kubernetes", ["version"], "1.20", "1.33"),
+        ("celery-cluster:workers", ["pool"], "gevent", "'threads', 'prefork', 'solo'"),
+        ("celery-cluster:workers", ["resources", "memoryRequest"], "lots", "Kubernetes quantity"),
+    ],
+)
+def test_malformed_values_name_key_value_and_allowed(
+    key: str, path: list[str], value: Any, allowed: str
+) -> None:
+    if path:
+        config = _with("dev", key, path, value)
+        full_key = f"{key}.{'.'.join(path)}"
+    else:
+        config = stack_config("dev")
+        config[key] = value
+        full_key = key
+    _rejected(config, "dev", full_key, repr(value), allowed)
+
+
+def test_production_needs_resource_limits() -> None:
+    config = _with("prod", "celery-cluster:workers", ["resources"], {"cpuRequest": "1", "memoryRequest": "1Gi"})
+    _rejected(config, "prod", "celery-cluster:workers.resources", "cpuLimit and memoryLimit")
+
+
+def test_required_anti_affinity_needs_a_node_per_rabbitmq_pod() -> None:
+    config = _with("prod", "celery-cluster:rabbitmq", ["replicas"], 5)
+    _rejected(config, "prod", "celery-cluster:rabbitmq.replicas", "at most the 3 node(s)")
+
+
+def test_defaults_are_the_durable_choice() -> None:
+    config = load_stack_config({"gcp:project": "my-project-1"}, "scratch")
+    assert isinstance(config, StackConfig)
+    assert config.production
+    assert config.gke.deletion_protection is True
+    assert config.rabbitmq.pvc_retention == "Retain"
+    assert config.rabbitmq.anti_affinity == "required"
+    assert config.rabbitmq.replicas == 3
+
+
+def test_stack_files_differ_where_the_issue_says() -> None:
+    dev = load_stack_config(stack_config("dev"), "dev")
+    prod = load_stack_config(stack_config("prod"), "prod")
+    assert (dev.gke.spot, prod.gke.spot) == (True, False)
+    assert (dev.gke.deletion_protection, prod.gke.deletion_protection) == (False, True)
+    assert (dev.rabbitmq.pvc_retention, prod.rabbitmq.pvc_retention) == ("Delete", "Retain")
+    assert (dev.rabbitmq.storage_class, prod.rabbitmq.storage_class) == ("pd-balanced", "pd-ssd")
+    assert dev.gke.disk_type == "pd-standard"
+    assert (dev.protect, prod.protect) == (False, True)
+    assert prod.rabbitmq.resources.cpu_limit and prod.workers.resources.memory_limit
