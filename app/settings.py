@@ -1,0 +1,291 @@
+"""Celery settings for the worker cluster, in one place.
+
+Delivery is AT-LEAST-ONCE: every published task runs to completion at least
+once, even if a worker or a RabbitMQ node dies at any moment, but a task CAN
+run more than once (a worker killed after the task's side effects but before
+its ack, a connection lost mid-task, a publish retried after its confirm was
+lost).  Tasks must therefore be idempotent.
+
+``WorkerSettings.from_env()`` reads the environment (the Kubernetes Deployment
+sets it; broker credentials come from a Secret), ``celery_config()`` turns it
+into Celery's settings.  The same function's output is what the workers in
+Kubernetes load and what the tests boot.
+
+Environment variables
+---------------------
+``CELERY_BROKER_URLS``      required; comma-separated ``amqp://`` / ``amqps://``
+                            URLs, one per RabbitMQ node (failover list).
+``CELERY_BROKER_ROTATION``  optional non-negative int: which URL this process
+                            tries first.  Default: derived stably from the
+                            host (pod) name, so workers spread over nodes.
+``CELERY_QUEUE``            queue name (default ``celery``).
+``CELERY_POOL``             ``threads`` (default), ``prefork`` or ``solo``.
+``CELERY_CONCURRENCY``      positive int; default 100 for threads (the tasks
+                            mostly sleep), the CPU count for prefork, 1 for solo.
+``CELERY_BROKER_HEARTBEAT`` AMQP heartbeat in seconds (default 10, 0 = off).
+``HOSTNAME``                the pod name in Kubernetes; used for the rotation.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from kombu import Exchange, Queue
+
+ENV_BROKER_URLS = "CELERY_BROKER_URLS"
+ENV_BROKER_ROTATION = "CELERY_BROKER_ROTATION"
+ENV_QUEUE = "CELERY_QUEUE"
+ENV_POOL = "CELERY_POOL"
+ENV_CONCURRENCY = "CELERY_CONCURRENCY"
+ENV_HEARTBEAT = "CELERY_BROKER_HEARTBEAT"
+ENV_HOSTNAME = "HOSTNAME"
+
+BROKER_SCHEMES = ("amqp", "amqps", "pyamqp")
+POOLS = ("threads", "prefork", "solo")
+DEFAULT_QUEUE = "celery"
+DEFAULT_THREADS_CONCURRENCY = 100
+DEFAULT_HEARTBEAT_SECONDS = 10
+
+# Publishing must outlast a broker failover.  kombu counts every connection
+# attempt (one per URL) as a retry and only sleeps after a full round over all
+# URLs, so the budget is expressed in rounds: 20 rounds with sleeps of
+# 0, 1, 2, 3, 4, then 5 s, i.e. about 85 s of back-off (plus up to
+# broker_connection_timeout per unreachable node).  That covers a node being
+# killed (clients switch to the next URL at once), a quorum-queue leader
+# election (well under a few seconds), and a RabbitMQ pod being rescheduled
+# and restarted by Kubernetes (tens of seconds), while a publisher facing a
+# cluster that is really gone still fails within a couple of minutes instead
+# of hanging.  Celery's default policy gives up in under a second.
+PUBLISH_RETRY_ROUNDS = 20
+PUBLISH_RETRY_INTERVAL_START = 0.0
+PUBLISH_RETRY_INTERVAL_STEP = 1.0
+PUBLISH_RETRY_INTERVAL_MAX = 5.0
+
+
+def sanitize_url(url: str) -> str:
+    """Mask the password in a URL (works on malformed URLs too)."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1**@", url)
+
+
+def _bad(var: str, value: object, allowed: str) -> ValueError:
+    return ValueError(f"{var}={value!r} is invalid: expected {allowed}")
+
+
+def _parse_broker_urls(raw: str | None) -> tuple[str, ...]:
+    allowed = (
+        "a comma-separated list of amqp:// or amqps:// URLs with a host, "
+        "one per RabbitMQ node, without duplicates"
+    )
+    if raw is None or not raw.strip():
+        raise ValueError(f"{ENV_BROKER_URLS} is not set: expected {allowed}")
+    urls = tuple(part.strip() for part in raw.split(","))
+    # Never echo credentials: every URL in an error message is sanitized.
+    shown = ",".join(sanitize_url(u) for u in urls)
+    if any(not u for u in urls):
+        raise _bad(ENV_BROKER_URLS, shown, allowed + " (found an empty entry)")
+    for url in urls:
+        try:
+            parts = urlsplit(url)
+            host = parts.hostname
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError:
+            raise _bad(ENV_BROKER_URLS, shown, allowed) from None
+        if parts.scheme not in BROKER_SCHEMES or not host:
+            raise _bad(ENV_BROKER_URLS, shown, allowed)
+    if len(set(urls)) != len(urls):
+        raise _bad(ENV_BROKER_URLS, shown, allowed + " (found a duplicate)")
+    return urls
+
+
+def _parse_int(var: str, raw: str, minimum: int, allowed: str) -> int:
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise _bad(var, raw, allowed) from None
+    if value < minimum:
+        raise _bad(var, raw, allowed)
+    return value
+
+
+def stable_rotation(hostname: str, n_urls: int) -> int:
+    """Stable (not ``hash()``, which is salted per process) offset for a host."""
+    if n_urls <= 0:
+        raise ValueError("n_urls must be positive")
+    return zlib.crc32(hostname.encode("utf-8")) % n_urls
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Everything the environment decides about a worker (or publisher)."""
+
+    broker_urls: tuple[str, ...]
+    rotation: int
+    hostname: str
+    queue: str = DEFAULT_QUEUE
+    pool: str = "threads"
+    concurrency: int = DEFAULT_THREADS_CONCURRENCY
+    heartbeat: int = DEFAULT_HEARTBEAT_SECONDS
+
+    @property
+    def rotated_broker_urls(self) -> list[str]:
+        """The failover list, starting at this worker's own node."""
+        k = self.rotation % len(self.broker_urls)
+        return list(self.broker_urls[k:] + self.broker_urls[:k])
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> WorkerSettings:
+        env: Mapping[str, str] = os.environ if environ is None else environ
+        urls = _parse_broker_urls(env.get(ENV_BROKER_URLS))
+        hostname = env.get(ENV_HOSTNAME, "").strip() or socket.gethostname()
+
+        raw_rotation = env.get(ENV_BROKER_ROTATION, "").strip()
+        if raw_rotation:
+            rotation = _parse_int(
+                ENV_BROKER_ROTATION, raw_rotation, 0, "a non-negative integer"
+            ) % len(urls)
+        else:
+            rotation = stable_rotation(hostname, len(urls))
+
+        queue = env.get(ENV_QUEUE, DEFAULT_QUEUE).strip()
+        if not queue or len(queue) > 200 or any(c.isspace() for c in queue):
+            raise _bad(ENV_QUEUE, queue, "a non-empty queue name without whitespace")
+
+        pool = env.get(ENV_POOL, "threads").strip().lower()
+        if pool not in POOLS:
+            raise _bad(ENV_POOL, pool, "one of " + ", ".join(POOLS))
+
+        raw_concurrency = env.get(ENV_CONCURRENCY, "").strip()
+        if raw_concurrency:
+            concurrency = _parse_int(ENV_CONCURRENCY, raw_concurrency, 1, "a positive integer")
+        elif pool == "threads":
+            concurrency = DEFAULT_THREADS_CONCURRENCY
+        elif pool == "prefork":
+            concurrency = os.cpu_count() or 1
+        else:
+            concurrency = 1
+        if pool == "solo" and concurrency != 1:
+            raise _bad(ENV_CONCURRENCY, raw_concurrency, "1 (or unset) with the solo pool")
+
+        raw_heartbeat = env.get(ENV_HEARTBEAT, "").strip()
+        heartbeat = (
+            _parse_int(ENV_HEARTBEAT, raw_heartbeat, 0, "a non-negative integer (seconds)")
+            if raw_heartbeat
+            else DEFAULT_HEARTBEAT_SECONDS
+        )
+
+        return cls(
+            broker_urls=urls,
+            rotation=rotation,
+            hostname=hostname,
+            queue=queue,
+            pool=pool,
+            concurrency=concurrency,
+            heartbeat=heartbeat,
+        )
+
+
+def task_queue(settings: WorkerSettings) -> Queue:
+    """The one work queue: quorum (replicated by Raft on every node), bound to
+    a topic exchange of the same name (native delayed delivery, which Celery
+    uses for ETA/countdown on quorum queues, cannot route via direct exchanges).
+    """
+    name = settings.queue
+    return Queue(
+        name,
+        Exchange(name, type="topic", durable=True),
+        routing_key=name,
+        durable=True,
+        queue_arguments={"x-queue-type": "quorum"},
+    )
+
+
+def celery_config(settings: WorkerSettings) -> dict[str, Any]:
+    """Celery settings (new-style lowercase names) for no-loss delivery."""
+    return {
+        # --- Broker: a failover list, rotated so workers spread over nodes. -----
+        # kombu tries the URLs in order and moves on to the next one when a node
+        # is unreachable (failover strategy "round-robin").
+        "broker_url": settings.rotated_broker_urls,
+        "broker_failover_strategy": "round-robin",
+        # Publisher confirms: a publish only succeeds once the quorum queue has
+        # the message on a majority of nodes.  Without confirms a publish during
+        # a failover or a resource alarm can vanish silently.  Celery's docs say
+        # quorum queues require it.
+        "broker_transport_options": {"confirm_publish": True},
+        # Workers never give up reconnecting: a worker that exits while the
+        # cluster is briefly away only adds a restart to the outage.
+        "broker_connection_retry": True,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        "broker_connection_timeout": 4.0,
+        # Notice a silently dead broker (machine gone, no TCP reset) within about
+        # two heartbeats (~20 s) instead of the default's ~2 minutes; the
+        # redelivery of the tasks that node's consumers held waits on this.
+        "broker_heartbeat": settings.heartbeat,
+        # A channel error while (re)starting the consumer - e.g. a quorum queue
+        # that has no leader for a moment during an election - restarts the
+        # consumer instead of stopping the worker.
+        "broker_channel_error_retry": True,
+        # --- Queue: quorum, on a topic exchange. -------------------------------
+        "task_queues": (task_queue(settings),),
+        "task_default_queue": settings.queue,
+        "task_default_queue_type": "quorum",
+        "task_default_exchange": settings.queue,
+        "task_default_exchange_type": "topic",
+        "task_default_routing_key": settings.queue,
+        # Queues created on the fly (a route to an undeclared queue) are quorum
+        # queues on topic exchanges too, never classic single-node queues.
+        "task_create_missing_queues": True,
+        "task_create_missing_queue_type": "quorum",
+        "task_create_missing_queue_exchange_type": "topic",
+        # Quorum queues do not support global QoS; Celery detects them and uses
+        # per-consumer prefetch (keep this on).  ETA/countdown then needs native
+        # delayed delivery: its celery_delayed_* queues are quorum queues too.
+        "worker_detect_quorum_queues": True,
+        "broker_native_delayed_delivery_queue_type": "quorum",
+        # --- Publishing: retry through a failover (see PUBLISH_RETRY_ROUNDS). --
+        "task_publish_retry": True,
+        "task_publish_retry_policy": {
+            "max_retries": PUBLISH_RETRY_ROUNDS * len(settings.broker_urls),
+            "interval_start": PUBLISH_RETRY_INTERVAL_START,
+            "interval_step": PUBLISH_RETRY_INTERVAL_STEP,
+            "interval_max": PUBLISH_RETRY_INTERVAL_MAX,
+        },
+        # --- Consuming: ack only after the task ran. ----------------------------
+        # acks_late: the message stays unacked while the task runs; if the worker
+        # dies (SIGKILL, OOM, node loss) RabbitMQ redelivers it to another worker.
+        "task_acks_late": True,
+        # Also requeue when a prefork child is killed (default: ack and fail it).
+        "task_reject_on_worker_lost": True,
+        # A task that raised or timed out is finished (failed), not lost: ack it
+        # rather than loop a poison message forever.
+        "task_acks_on_failure_or_timeout": True,
+        # Hold no more messages than can run right now: with acks_late, anything
+        # prefetched is redelivered (delayed) if this worker dies.  The prefetch
+        # count is multiplier x concurrency.
+        "worker_prefetch_multiplier": 1,
+        # On connection loss a running late-ack task can no longer be acked: the
+        # broker redelivers it, so it will run again elsewhere.  With prefork,
+        # Celery can terminate the now-orphaned copy so both do not run in
+        # parallel (the Celery 6 default).  The threads pool cannot kill a thread
+        # (Celery only logs "Failed to cancel"), so there it stays off and the
+        # orphan finishes its run; its duplicate is the at-least-once price.
+        "worker_cancel_long_running_tasks_on_connection_loss": settings.pool == "prefork",
+        # --- Pool. ---------------------------------------------------------------
+        "worker_pool": settings.pool,
+        "worker_concurrency": settings.concurrency,
+        # --- Misc. ---------------------------------------------------------------
+        # No result backend: the ledger (app/ledger.py) proves completion.
+        "task_ignore_result": True,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "worker_hijack_root_logger": True,
+        "enable_utc": True,
+    }

@@ -1,0 +1,328 @@
+"""Unit tests for app.settings (Celery settings from the environment) and app.ledger."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from app import ledger
+from app.settings import (
+    PUBLISH_RETRY_ROUNDS,
+    WorkerSettings,
+    celery_config,
+    stable_rotation,
+)
+
+URLS = [
+    "amqp://user:s3cret@rmq-0.rmq.celery.svc:5672/vhost",
+    "amqp://user:s3cret@rmq-1.rmq.celery.svc:5672/vhost",
+    "amqp://user:s3cret@rmq-2.rmq.celery.svc:5672/vhost",
+]
+
+
+def env(**extra: str) -> dict[str, str]:
+    base = {"CELERY_BROKER_URLS": ",".join(URLS), "HOSTNAME": "counter-abc-123"}
+    base.update(extra)
+    return base
+
+
+def config(**extra: str) -> dict:
+    return celery_config(WorkerSettings.from_env(env(**extra)))
+
+
+# --- the settings that decide whether tasks are lost ---------------------------
+
+
+def test_no_loss_settings() -> None:
+    conf = config()
+    assert conf["task_acks_late"] is True
+    assert conf["task_reject_on_worker_lost"] is True
+    assert conf["task_acks_on_failure_or_timeout"] is True
+    assert conf["worker_prefetch_multiplier"] == 1
+    assert conf["broker_transport_options"]["confirm_publish"] is True
+    assert conf["broker_connection_retry_on_startup"] is True
+    assert conf["broker_connection_retry"] is True
+    assert conf["broker_connection_max_retries"] is None
+    assert conf["broker_heartbeat"] == 10
+    assert conf["broker_channel_error_retry"] is True
+    assert conf["worker_detect_quorum_queues"] is True
+
+
+def test_quorum_queue_on_topic_exchange() -> None:
+    conf = config(CELERY_QUEUE="work")
+    assert conf["task_default_queue_type"] == "quorum"
+    assert conf["task_default_exchange_type"] == "topic"
+    assert conf["task_create_missing_queue_type"] == "quorum"
+    assert conf["task_create_missing_queue_exchange_type"] == "topic"
+    assert conf["broker_native_delayed_delivery_queue_type"] == "quorum"
+    assert conf["task_default_queue"] == "work"
+    (queue,) = conf["task_queues"]
+    assert queue.name == "work"
+    assert queue.queue_arguments == {"x-queue-type": "quorum"}
+    assert queue.exchange.name == "work"
+    assert queue.exchange.type == "topic"
+    assert queue.routing_key == "work"
+    assert queue.durable is True
+
+
+def test_publish_retry_outlasts_a_failover() -> None:
+    conf = config()
+    assert conf["task_publish_retry"] is True
+    policy = conf["task_publish_retry_policy"]
+    # kombu counts one retry per URL tried, and sleeps only after a full round.
+    assert policy["max_retries"] == PUBLISH_RETRY_ROUNDS * len(URLS)
+    rounds = policy["max_retries"] // len(URLS)
+    sleeps = [
+        min(policy["interval_start"] + i * policy["interval_step"], policy["interval_max"])
+        for i in range(rounds)
+    ]
+    assert sum(sleeps) >= 30, "must back off for tens of seconds, not Celery's < 1 s"
+    assert sum(sleeps) <= 180, "but a publisher facing a dead cluster must still fail"
+
+
+def test_pool_defaults_and_overrides() -> None:
+    conf = config()
+    assert conf["worker_pool"] == "threads"
+    assert conf["worker_concurrency"] == 100
+    assert conf["worker_cancel_long_running_tasks_on_connection_loss"] is False
+    conf = config(CELERY_POOL="prefork")
+    assert conf["worker_pool"] == "prefork"
+    assert conf["worker_concurrency"] == (os.cpu_count() or 1)
+    assert conf["worker_cancel_long_running_tasks_on_connection_loss"] is True
+    conf = config(CELERY_POOL="Threads", CELERY_CONCURRENCY="7")
+    assert (conf["worker_pool"], conf["worker_concurrency"]) == ("threads", 7)
+    assert config(CELERY_POOL="solo")["worker_concurrency"] == 1
+    assert config(CELERY_BROKER_HEARTBEAT="0")["broker_heartbeat"] == 0
+
+
+def test_config_is_pure() -> None:
+    s = WorkerSettings.from_env(env())
+    assert celery_config(s) == celery_config(s)
+    assert celery_config(s) is not celery_config(s)
+
+
+def test_celery_accepts_every_key() -> None:
+    """Every key is a real Celery 5.7 setting (a typo would be silently ignored)."""
+    from celery.app.defaults import flatten
+
+    known = {name for name, _ in flatten(__import__("celery.app.defaults").app.defaults.NAMESPACES)}
+    unknown = set(config()) - known
+    assert not unknown, f"not Celery settings: {sorted(unknown)}"
+
+
+def test_app_boots_from_the_same_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    from celery import Celery
+
+    conf = config(CELERY_QUEUE="boot")
+    app = Celery("boot-test")
+    app.conf.update(conf)
+    assert app.conf.task_acks_late is True
+    assert app.conf.broker_url == conf["broker_url"]
+    assert app.amqp.queues["boot"].queue_arguments == {"x-queue-type": "quorum"}
+    # The publish path picks our topic exchange and routing key.
+    assert app.amqp.default_queue.exchange.type == "topic"
+
+
+# --- rotation --------------------------------------------------------------------
+
+
+def test_rotation_explicit_gives_distinct_first_urls() -> None:
+    firsts = []
+    for i in range(3):
+        urls = config(CELERY_BROKER_ROTATION=str(i))["broker_url"]
+        assert sorted(urls) == sorted(URLS), "every node stays in every failover list"
+        assert len(urls) == len(URLS)
+        firsts.append(urls[0])
+    assert firsts == URLS
+    # Rotation keeps the cyclic order (each worker fails over to its next node).
+    assert config(CELERY_BROKER_ROTATION="1")["broker_url"] == [URLS[1], URLS[2], URLS[0]]
+    assert config(CELERY_BROKER_ROTATION="4")["broker_url"][0] == URLS[1]
+
+
+def test_rotation_from_hostname_is_stable_and_spreads() -> None:
+    pods = [f"counter-7d9f8c6b5-{suffix}" for suffix in ("x2k4p", "q8zr1", "m3n7t", "b5c6d")]
+    pods += [f"worker-{i}" for i in range(30)]
+    firsts = {config(HOSTNAME=p)["broker_url"][0] for p in pods}
+    assert firsts == set(URLS), "hostnames spread over all nodes"
+    # Stable: not Python's per-process salted hash().
+    assert stable_rotation("worker-7", 3) == stable_rotation("worker-7", 3)
+    assert config(HOSTNAME="worker-7")["broker_url"] == config(HOSTNAME="worker-7")["broker_url"]
+    for p in pods:
+        urls = config(HOSTNAME=p)["broker_url"]
+        assert sorted(urls) == sorted(URLS)
+
+
+def test_single_url_is_fine() -> None:
+    conf = celery_config(WorkerSettings.from_env({"CELERY_BROKER_URLS": URLS[0]}))
+    assert conf["broker_url"] == [URLS[0]]
+
+
+# --- bad environment values ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "var", "value_shown"),
+    [
+        ({"CELERY_BROKER_ROTATION": "-1"}, "CELERY_BROKER_ROTATION", "-1"),
+        ({"CELERY_BROKER_ROTATION": "one"}, "CELERY_BROKER_ROTATION", "one"),
+        ({"CELERY_POOL": "gevent"}, "CELERY_POOL", "gevent"),
+        ({"CELERY_CONCURRENCY": "0"}, "CELERY_CONCURRENCY", "0"),
+        ({"CELERY_CONCURRENCY": "lots"}, "CELERY_CONCURRENCY", "lots"),
+        ({"CELERY_POOL": "solo", "CELERY_CONCURRENCY": "4"}, "CELERY_CONCURRENCY", "4"),
+        ({"CELERY_BROKER_HEARTBEAT": "-5"}, "CELERY_BROKER_HEARTBEAT", "-5"),
+        ({"CELERY_QUEUE": "two words"}, "CELERY_QUEUE", "two words"),
+    ],
+)
+def test_bad_values_name_var_value_and_allowed(
+    extra: dict[str, str], var: str, value_shown: str
+) -> None:
+    with pytest.raises(ValueError) as err:
+        WorkerSettings.from_env(env(**extra))
+    msg = str(err.value)
+    assert var in msg
+    assert repr(value_shown) in msg or value_shown in msg
+    assert "expected" in msg
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "",
+        "   ",
+        "http://user:s3cret@rmq-0:5672/",
+        "amqp://user:s3cret@rmq-0:5672/,,amqp://user:s3cret@rmq-1:5672/",
+        "amqp://user:s3cret@rmq-0:5672/,amqp://user:s3cret@rmq-0:5672/",
+        "amqp://user:s3cret@rmq-0:notaport/",
+        "amqp:///vhost",
+        "rmq-0:5672",
+    ],
+)
+def test_bad_broker_urls_are_rejected_without_leaking_passwords(raw: str) -> None:
+    with pytest.raises(ValueError) as err:
+        WorkerSettings.from_env({"CELERY_BROKER_URLS": raw})
+    msg = str(err.value)
+    assert "CELERY_BROKER_URLS" in msg
+    assert "amqp://" in msg  # says what is allowed
+    assert "s3cret" not in msg
+
+
+def test_missing_broker_urls() -> None:
+    with pytest.raises(ValueError, match="CELERY_BROKER_URLS is not set"):
+        WorkerSettings.from_env({})
+
+
+def test_step_seconds_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CELERY_BROKER_URLS", ",".join(URLS))  # app.tasks imports the app
+    from app.tasks import default_step_seconds
+
+    assert default_step_seconds({}) == 1.0
+    assert default_step_seconds({"COUNT_STEP_SECONDS": "0.01"}) == 0.01
+    for bad in ("-1", "nan", "inf", "fast"):
+        with pytest.raises(ValueError, match="COUNT_STEP_SECONDS"):
+            default_step_seconds({"COUNT_STEP_SECONDS": bad})
+
+
+def test_settings_docstring_states_the_delivery_contract() -> None:
+    import app.settings
+
+    doc = app.settings.__doc__ or ""
+    assert "at-least-once" in doc.lower()
+    assert "idempotent" in doc.lower()
+
+
+# --- ledger -------------------------------------------------------------------------
+
+
+def _line(event: str, tid: str, ts: float, worker: str = "w1@h") -> str:
+    return json.dumps({"event": event, "task_id": tid, "ts": ts, "worker": worker, "pid": 1})
+
+
+def test_ledger_reader_on_synthetic_file(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.jsonl"
+    lines = [
+        _line("start", "a", 1.0),
+        _line("finish", "a", 2.0),
+        _line("start", "b", 1.5, "w1@h"),  # w1 killed while running b
+        _line("start", "b", 3.0, "w2@h"),  # redelivered to w2
+        _line("finish", "b", 4.0, "w2@h"),
+        _line("start", "c", 5.0),  # never finished
+        '{"event": "start", "task_',  # torn line
+        "",
+        _line("finish", "z", 6.0),  # not published by us
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    s = ledger.read_ledger(path)
+    assert s.starts == {"a": 1, "b": 2, "c": 1}
+    assert s.completed == {"a", "b", "z"}
+    assert s.duplicates == {"b": 2}
+    assert s.workers["b"] == ["w1@h", "w2@h"]
+    assert s.unfinished == {"c"}
+    assert s.malformed_lines == 1
+    assert s.first_finish == {"a": 2.0, "b": 4.0, "z": 6.0}
+    assert s.completion_times() == [2.0, 4.0, 6.0]
+    assert s.lost(["a", "b", "c", "d"]) == {"c", "d"}
+    report = s.report(["a", "b", "c", "d"])
+    assert report == {
+        "published": 4,
+        "completed": 2,
+        "lost": 2,
+        "duplicate_ids": 1,
+        "extra_executions": 1,
+        "unexpected_ids": 0,
+        "malformed_lines": 1,
+    }
+
+
+def test_ledger_missing_file_is_empty(tmp_path: Path) -> None:
+    s = ledger.read_ledger(tmp_path / "nope")
+    assert s.completed == set()
+    assert s.lost(["x"]) == {"x"}
+
+
+def test_ledger_appends_are_atomic_across_threads(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.jsonl"
+    n_threads, per_thread = 8, 200
+
+    def writer(k: int) -> None:
+        for i in range(per_thread):
+            tid = f"t{k}-{i}-" + "x" * 200  # long-ish lines
+            ledger.append_record(path, {"event": "start", "task_id": tid, "ts": 1.0})
+            ledger.append_record(path, {"event": "finish", "task_id": tid, "ts": 2.0})
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(n_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    s = ledger.read_ledger(path)
+    assert s.malformed_lines == 0
+    assert len(s.completed) == n_threads * per_thread
+    assert not s.duplicates
+
+
+def test_read_ids(tmp_path: Path) -> None:
+    p = tmp_path / "ids.txt"
+    p.write_text("a\nb\n\nc\n")
+    assert ledger.read_ids(p) == ["a", "b", "c"]
+
+
+def test_scheduler_help_needs_no_broker() -> None:
+    from app.scheduler import main
+
+    result = CliRunner().invoke(main, ["--help"], env={"CELERY_BROKER_URLS": ""})
+    assert result.exit_code == 0, result.output
+    for opt in ("--tasks", "--task-seconds", "--ids-file"):
+        assert opt in result.output
+
+
+def test_sanitize_url() -> None:
+    from app.settings import sanitize_url
+
+    assert sanitize_url("amqp://u:p%40ss@h:5672/v") == "amqp://u:**@h:5672/v"
+    assert sanitize_url("amqp://u:p/ss@h:bad/v") == "amqp://u:**@h:bad/v"
+    assert sanitize_url("amqp://h:5672/v") == "amqp://h:5672/v"
