@@ -119,6 +119,8 @@ class _Mocks(pulumi.runtime.Mocks):
         return f"{args.name}-id", outputs
 
     def call(self, args: pulumi.runtime.MockCallArgs) -> dict:
+        if args.token == "gcp:organizations/getClientConfig:getClientConfig":
+            return {"accessToken": "mock-access-token", "project": TEST_GCP_PROJECT}
         return {}
 
 
@@ -194,3 +196,28 @@ def run_program(config: Mapping[str, Any], stack: str = "dev") -> ProgramRun:
         pulumi.runtime.set_all_config({})
         loop.close()
         asyncio.set_event_loop(None)
+
+
+# How the engine marks a secret value on the wire (pulumi.runtime.rpc).
+SECRET_SIGNATURE = "1b47061264138c4ac30d75fd1eb44270"
+_SIG_KEY = "4dabf18193072939515e22adb298388d"
+
+
+def is_secret(value: Any) -> bool:
+    return isinstance(value, dict) and value.get(_SIG_KEY) == SECRET_SIGNATURE
+
+
+def reveal(value: Any) -> Any:
+    """The value with every secret marker unwrapped and integral floats made ints.
+
+    The mock wire format carries numbers as floats; Kubernetes wants integers.
+    """
+    if is_secret(value):
+        return reveal(value["value"])
+    if isinstance(value, dict):
+        return {k: reveal(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [reveal(v) for v in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value

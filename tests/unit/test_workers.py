@@ -1,0 +1,135 @@
+"""The Celery workers component: each builder on its own, then as every stack registers it."""
+
+from __future__ import annotations
+
+from components import workers
+from components.config import load_stack_config
+from components.names import AMQP_CLIENT_LABEL, BROKER_URLS_KEY
+from tests.program import ProgramRun, is_secret, reveal, run_program, stack_config
+
+DEPLOYMENT = "kubernetes:apps/v1:Deployment"
+
+
+def _config(stack: str):
+    return load_stack_config(stack_config(stack), stack)
+
+
+def test_deployment_takes_its_shape_from_config() -> None:
+    config = _config("prod")
+    manifest = workers.deployment(config, "example/celery:1.0")
+    spec = manifest["spec"]
+    pod = spec["template"]["spec"]
+    container = pod["containers"][0]
+    assert spec["replicas"] == config.workers.replicas
+    assert spec["selector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
+    assert f"--pool={config.workers.pool}" in container["command"]
+    assert f"--concurrency={config.workers.concurrency}" in container["command"]
+    assert container["resources"]["limits"] == {"cpu": "1", "memory": "512Mi"}
+    assert pod["terminationGracePeriodSeconds"] >= config.workers.longest_task_seconds
+    assert pod["terminationGracePeriodSeconds"] >= 60
+    assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+
+
+def test_broker_credentials_come_from_a_secret_never_the_manifest() -> None:
+    manifest = workers.deployment(_config("dev"), "example/celery:1.0")
+    env = manifest["spec"]["template"]["spec"]["containers"][0]["env"]
+    broker = [e for e in env if e["name"] == "CELERY_BROKER_URLS"]
+    assert broker == [
+        {
+            "name": "CELERY_BROKER_URLS",
+            "valueFrom": {"secretKeyRef": {"name": workers.BROKER_SECRET, "key": BROKER_URLS_KEY}},
+        }
+    ]
+    assert "amqp://" not in repr(manifest)
+
+
+def test_workers_run_non_root_and_spread_across_nodes() -> None:
+    pod = workers.deployment(_config("dev"), "img:1")["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    container = pod["containers"][0]
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert {c["topologyKey"] for c in pod["topologySpreadConstraints"]} == {
+        "kubernetes.io/hostname",
+        "topology.kubernetes.io/zone",
+    }
+    assert pod["automountServiceAccountToken"] is False
+
+
+def test_liveness_does_not_depend_on_the_broker() -> None:
+    container = workers.deployment(_config("dev"), "img:1")["spec"]["template"]["spec"]["containers"][0]
+    command = container["livenessProbe"]["exec"]["command"]
+    assert command[:3] == ["python", "-m", "app.liveness"]
+    assert "inspect" not in command and "ping" not in command
+
+
+def test_grace_period_follows_the_longest_task() -> None:
+    base = stack_config("dev")
+    base["celery-cluster:workers"] = {**base["celery-cluster:workers"], "longestTaskSeconds": 300}
+    config = load_stack_config(base, "dev")
+    pod = workers.deployment(config, "img:1")["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 330
+
+
+def test_scheduler_job_runs_once_and_skips_the_await() -> None:
+    job = workers.scheduler_job(_config("dev"), "img:1")
+    assert job["spec"]["backoffLimit"] == 0
+    assert job["metadata"]["annotations"]["pulumi.com/skipAwait"] == "true"
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"][:3] == ["python", "-m", "app.scheduler"]
+    assert "--tasks=10000" in container["command"]
+    assert job["spec"]["template"]["metadata"]["labels"][AMQP_CLIENT_LABEL] == "true"
+
+
+def test_every_stack_registers_workers_with_a_pdb_and_a_pinned_image(stack_run: ProgramRun) -> None:
+    deployment = reveal(stack_run.one(DEPLOYMENT, "workers-deployment").inputs)
+    pod = deployment["spec"]["template"]["spec"]
+    image = pod["containers"][0]["image"]
+    assert "@sha256:" in image or (":" in image.rsplit("/", 1)[-1] and not image.endswith(":latest"))
+    assert pod["containers"][0]["resources"]["requests"]
+    assert pod["terminationGracePeriodSeconds"] >= 60
+    assert deployment["spec"]["template"]["metadata"]["labels"][AMQP_CLIENT_LABEL] == "true"
+    pdbs = [m for _, m in stack_run.kubernetes_objects() if m["kind"] == "PodDisruptionBudget"]
+    worker_pdbs = [p for p in pdbs if p["metadata"]["namespace"] == "workers"]
+    assert len(worker_pdbs) == 1
+    assert worker_pdbs[0]["spec"]["maxUnavailable"] == 1
+
+
+def test_the_broker_secret_is_secret_marked(stack_run: ProgramRun) -> None:
+    secret = stack_run.one("kubernetes:core/v1:Secret", "workers-broker").inputs
+    assert is_secret(secret["stringData"])
+    urls = reveal(secret["stringData"])[BROKER_URLS_KEY].split(",")
+    assert len(urls) >= 1 and all(u.startswith("amqp://") for u in urls)
+
+
+def test_scheduler_job_is_toggled_by_config(stack_runs: dict[str, ProgramRun]) -> None:
+    for name, run in stack_runs.items():
+        jobs = run.of_type("kubernetes:batch/v1:Job")
+        assert len(jobs) == int(_config(name).workers.scheduler.enabled), name
+    config = stack_config("prod")
+    config["celery-cluster:workers"] = {
+        **config["celery-cluster:workers"],
+        "scheduler": {"enabled": True, "tasks": 50, "taskSeconds": 0.1},
+    }
+    run = run_program(config, "prod")
+    assert run.error is None
+    job = reveal(run.one("kubernetes:batch/v1:Job").inputs)
+    assert "--tasks=50" in job["spec"]["template"]["spec"]["containers"][0]["command"]
+
+
+def test_an_image_is_built_and_pushed_unless_one_is_given() -> None:
+    built = run_program(stack_config("dev"), "dev")
+    assert built.error is None
+    assert len(built.of_type("gcp:artifactregistry/repository:Repository")) == 1
+    image = built.one("docker-build:index:Image").inputs
+    assert image["push"] is True
+    assert all(not tag.endswith(":latest") for tag in image["tags"])
+
+    config = stack_config("dev")
+    config["celery-cluster:workers"] = {**config["celery-cluster:workers"], "image": "example/celery:1.0"}
+    prebuilt = run_program(config, "dev")
+    assert prebuilt.error is None
+    assert not prebuilt.of_type("docker-build:index:Image")
+    deployment = reveal(prebuilt.one(DEPLOYMENT, "workers-deployment").inputs)
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == "example/celery:1.0"
