@@ -1,0 +1,752 @@
+"""A real N-node RabbitMQ cluster on 127.0.0.1, configured by ``components.rabbitmq_conf``.
+
+Used by the integration tests, ``make local`` and the benchmark.  It runs the OS
+package (Debian's ``rabbitmq-server``) as the calling user: the nodes are started
+with ``/usr/lib/rabbitmq/bin/rabbitmq-server`` (``/usr/sbin/rabbitmq-server``
+switches to the ``rabbitmq`` user when run as root).
+
+Isolation, so two clusters (two concurrent test runs, a test run and ``make local``)
+never collide and cleanup never touches anybody else's processes:
+
+* everything lives under one base directory: config, ``enabled_plugins``, feature
+  flags file, mnesia, logs, the Erlang cookie (``$HOME/.erlang.cookie`` with
+  ``HOME`` pointing inside the base directory) and the definitions file;
+* every port (AMQP, Erlang distribution, management, prometheus, epmd) is chosen
+  free at runtime;
+* the cluster runs its own ``epmd`` on its own port (``ERL_EPMD_PORT``), started by
+  us as a tracked child, and the nodes run with ``-start_epmd false`` so Erlang never
+  daemonizes an untracked epmd;
+* each node (and epmd) is started in a new session, so its whole process group
+  (``sh`` wrapper, ``beam.smp``, ``erl_child_setup``, ``inet_gethost``) is killed
+  by group id; every process also carries a per-cluster marker in its environment,
+  which is how :meth:`LocalRabbitCluster.pids` finds stragglers;
+* the caller becomes a child subreaper (Linux ``PR_SET_CHILD_SUBREAPER``) and reaps
+  what it kills: on machines whose PID 1 does not reap orphans, a killed
+  ``beam.smp`` would otherwise linger as a zombie.
+
+Configuration: ``rabbitmq.conf`` is exactly
+``rabbitmq_conf(version, LocalDiscovery(...), ...)``.  The default-user snippet
+(``default_user_conf``, a Secret on Kubernetes) goes into a ``conf.d`` directory
+named by ``RABBITMQ_CONFIG_FILES``, as a Secret-mounted file would; the
+definitions (``definitions_json``, including the user: a node importing definitions
+at boot does not seed ``default_user``) are a separate file.  Environment variables
+only carry paths, ports and the node name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from urllib.parse import quote
+
+from components.rabbitmq_conf import (
+    LocalDiscovery,
+    default_user_conf,
+    definitions_json,
+    enabled_plugins,
+    parse_version,
+    rabbitmq_conf,
+)
+
+__all__ = [
+    "INSTALL_COMMAND",
+    "ClusterError",
+    "LocalRabbitCluster",
+    "RabbitMQNotInstalledError",
+    "installed_version",
+    "marked_pids",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RABBITMQ_HOME = Path("/usr/lib/rabbitmq")
+PACKAGE = "rabbitmq-server"
+INSTALL_COMMAND = f"apt-get install -y {PACKAGE}"
+#: Environment marker carried by every process a cluster starts (value: cluster id).
+MARKER_ENV = "LOCALCLUSTER_RABBIT_ID"
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+class RabbitMQNotInstalledError(RuntimeError):
+    """The RabbitMQ server (Debian package ``rabbitmq-server``) is not installed."""
+
+
+class ClusterError(RuntimeError):
+    """A node did not start, did not cluster, or a CLI call failed."""
+
+
+def _not_installed(detail: str) -> RabbitMQNotInstalledError:
+    return RabbitMQNotInstalledError(
+        f"RabbitMQ is not installed here ({detail}). The local cluster runs the Debian/Ubuntu "
+        f"package '{PACKAGE}' (it brings Erlang and epmd); install it as root with:\n"
+        f"    {INSTALL_COMMAND}"
+    )
+
+
+def installed_version(rabbitmq_home: Path = DEFAULT_RABBITMQ_HOME) -> str:
+    """Version of the installed RabbitMQ server, e.g. ``"3.10.8-1.1+deb12u1"``."""
+    if shutil.which("dpkg-query"):
+        result = subprocess.run(
+            ["dpkg-query", "-W", "-f=${Version}", PACKAGE],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode == 0 and result.stdout.strip():
+            return result.stdout.strip()
+    # Not a dpkg system (or not installed through dpkg): the release directory name.
+    releases = sorted((rabbitmq_home / "lib").glob("rabbitmq_server-*"))
+    if releases:
+        return releases[-1].name.removeprefix("rabbitmq_server-")
+    raise _not_installed(f"no '{PACKAGE}' package and no {rabbitmq_home}/lib/rabbitmq_server-*")
+
+
+def _become_subreaper() -> None:
+    """Orphans of our children get re-parented to us (and are reaped by us)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+            log.debug("prctl(PR_SET_CHILD_SUBREAPER) failed: errno %d", ctypes.get_errno())
+    except (OSError, AttributeError):  # pragma: no cover - non-glibc platforms
+        log.debug("cannot become a child subreaper", exc_info=True)
+
+
+def _reap(pids: set[int]) -> None:
+    """Collect exit statuses of the given pids if they are (now) our children."""
+    for pid in pids:
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(pid, os.WNOHANG)
+
+
+def _proc_state(pid: int) -> str | None:
+    """Process state letter from /proc (``Z`` = zombie), None when gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2 :].split(" ", 1)[0]
+
+
+def _alive(pid: int) -> bool:
+    state = _proc_state(pid)
+    return state is not None and state not in ("Z", "X")
+
+
+def marked_pids(marker: str) -> set[int]:
+    """Every live process whose environment carries ``MARKER_ENV=marker``."""
+    needle = f"{MARKER_ENV}={marker}".encode()
+    found: set[int] = set()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = Path(entry.path, "environ").read_bytes()
+        except OSError:
+            continue
+        if needle in environ.split(b"\0"):
+            found.add(int(entry.name))
+    return found
+
+
+def _session_pids(sid: int) -> set[int]:
+    """Every process in session ``sid`` (a node's whole process tree)."""
+    found: set[int] = set()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split(" ")
+        # fields[0]=state, [1]=ppid, [2]=pgrp, [3]=session
+        if int(fields[3]) == sid:
+            found.add(int(entry.name))
+    return found
+
+
+def _free_ports(count: int) -> list[int]:
+    """``count`` distinct free TCP ports on 127.0.0.1 (held open until all are picked)."""
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return f"(no {path})"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+@dataclass
+class _Node:
+    index: int
+    name: str
+    amqp_port: int
+    dist_port: int
+    management_port: int
+    prometheus_port: int
+    directory: Path
+    proc: subprocess.Popen[bytes] | None = None
+    session_pids: set[int] = field(default_factory=set)
+
+    @property
+    def stdout_log(self) -> Path:
+        return self.directory / "stdout.log"
+
+    @property
+    def config_file(self) -> Path:
+        return self.directory / "rabbitmq.conf"
+
+    @property
+    def conf_d(self) -> Path:
+        return self.directory / "conf.d"
+
+
+class LocalRabbitCluster:
+    """An N-node RabbitMQ cluster on 127.0.0.1 (see the module docstring).
+
+    >>> with LocalRabbitCluster(size=3) as cluster:   # doctest: +SKIP
+    ...     cluster.start()
+    ...     urls = cluster.broker_urls()
+    """
+
+    def __init__(
+        self,
+        size: int = 3,
+        base_dir: Path | None = None,
+        username: str = "celery",
+        password: str | None = None,
+        vhost: str = "celery",
+        delivery_limit: int = 5,
+        version: str | None = None,
+        *,
+        disk_free_limit: str = "50MB",
+        rabbitmq_home: Path = DEFAULT_RABBITMQ_HOME,
+    ) -> None:
+        if size < 1:
+            raise ValueError(f"size must be >= 1, got {size!r}")
+        self.size = size
+        self.username = username
+        self.password = password if password is not None else secrets.token_urlsafe(18)
+        self.vhost = vhost
+        self.delivery_limit = delivery_limit
+        self.disk_free_limit = disk_free_limit
+        self.rabbitmq_home = Path(rabbitmq_home)
+        self._version = version
+        self.cluster_id = uuid.uuid4().hex[:12]
+        self._own_base_dir = base_dir is None
+        self.base_dir: Path | None = None if base_dir is None else Path(base_dir)
+        self.node_names = [f"rmq{i}@localhost" for i in range(size)]
+        self.amqp_ports: list[int] = []
+        self.epmd_port = 0
+        self._nodes: list[_Node] = []
+        self._epmd: subprocess.Popen[bytes] | None = None
+        self._lock = threading.RLock()
+        self._closed = False
+        self._prepared = False
+        self.timings: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def version(self) -> str:
+        """RabbitMQ version the config is rendered for (auto-detected from dpkg-query)."""
+        if self._version is None:
+            self._version = installed_version(self.rabbitmq_home)
+        return self._version
+
+    @property
+    def management_ports(self) -> list[int]:
+        return [n.management_port for n in self._nodes]
+
+    @property
+    def prometheus_ports(self) -> list[int]:
+        return [n.prometheus_port for n in self._nodes]
+
+    def broker_urls(self) -> list[str]:
+        """One ``amqp://user:pass@127.0.0.1:PORT/vhost`` URL per node."""
+        self._require_prepared()
+        user = quote(self.username, safe="")
+        password = quote(self.password, safe="")
+        vhost = quote(self.vhost, safe="")
+        return [f"amqp://{user}:{password}@127.0.0.1:{port}/{vhost}" for port in self.amqp_ports]
+
+    # --------------------------------------------------------------------- files
+    def _check_installed(self) -> None:
+        server = self.rabbitmq_home / "bin" / "rabbitmq-server"
+        if not server.exists():
+            raise _not_installed(f"{server} not found")
+        if shutil.which("epmd") is None:
+            raise _not_installed("'epmd' (Erlang) not on PATH")
+
+    def _prepare(self) -> None:
+        """Pick ports, render and write every file. No process is started."""
+        if self._prepared:
+            return
+        self._check_installed()
+        parse_version(self.version)  # fail early with the value in the message
+        if self.base_dir is None:
+            self.base_dir = Path(tempfile.mkdtemp(prefix=f"localrabbit-{self.cluster_id}-"))
+        base = self.base_dir
+        base.mkdir(parents=True, exist_ok=True)
+        home = base / "home"
+        home.mkdir(exist_ok=True)
+        cookie = home / ".erlang.cookie"
+        if not cookie.exists():
+            cookie.write_text(secrets.token_hex(24))
+        cookie.chmod(0o400)
+
+        ports = _free_ports(1 + 4 * self.size)
+        self.epmd_port = ports[0]
+        discovery = LocalDiscovery(tuple(self.node_names))
+        definitions = base / "definitions.json"
+        definitions.write_text(
+            definitions_json(
+                self.vhost,
+                delivery_limit=self.delivery_limit,
+                username=self.username,
+                password=self.password,
+                version=self.version,
+            )
+        )
+        definitions.chmod(0o600)
+        self._nodes = []
+        for i, name in enumerate(self.node_names):
+            amqp, dist, mgmt, prom = ports[1 + 4 * i : 5 + 4 * i]
+            node = _Node(i, name, amqp, dist, mgmt, prom, base / f"rmq{i}")
+            node.directory.mkdir(exist_ok=True)
+            node.conf_d.mkdir(exist_ok=True)
+            node.config_file.write_text(
+                rabbitmq_conf(
+                    self.version,
+                    discovery,
+                    amqp_port=amqp,
+                    management_port=mgmt,
+                    prometheus_port=prom,
+                    disk_free_limit=self.disk_free_limit,
+                    definitions_path=str(definitions),
+                )
+            )
+            user_conf = node.conf_d / "10-default-user.conf"
+            user_conf.write_text(default_user_conf(self.username, self.password, self.vhost))
+            user_conf.chmod(0o600)
+            (node.directory / "enabled_plugins").write_text(enabled_plugins(discovery))
+            self._nodes.append(node)
+        self.amqp_ports = [n.amqp_port for n in self._nodes]
+        self._prepared = True
+        log.info(
+            "local RabbitMQ %s cluster %s: %d nodes in %s (epmd port %d, amqp ports %s)",
+            self.version,
+            self.cluster_id,
+            self.size,
+            base,
+            self.epmd_port,
+            self.amqp_ports,
+        )
+
+    def _require_prepared(self) -> None:
+        if not self._prepared:
+            raise ClusterError("cluster not started: call start() first")
+
+    # ----------------------------------------------------------------- processes
+    def _base_env(self) -> dict[str, str]:
+        assert self.base_dir is not None
+        env = {
+            key: value
+            for key, value in os.environ.items()
+            if not key.startswith(("RABBITMQ_", "ERL_"))
+        }
+        env.update(
+            {
+                MARKER_ENV: self.cluster_id,
+                "HOME": str(self.base_dir / "home"),  # .erlang.cookie lives here
+                "ERL_EPMD_PORT": str(self.epmd_port),
+                # Do not read /etc/rabbitmq/rabbitmq-env.conf (not a regular file).
+                "RABBITMQ_CONF_ENV_FILE": "/dev/null",
+                # CLI tools: any free port for their distribution listener, instead of
+                # the shared default range 35672-35682.
+                "RABBITMQ_CTL_DIST_PORT_MIN": "0",
+                "RABBITMQ_CTL_DIST_PORT_MAX": "0",
+                "LC_ALL": "C.UTF-8",
+            }
+        )
+        return env
+
+    def _node_env(self, node: _Node) -> dict[str, str]:
+        assert self.base_dir is not None
+        env = self._base_env()
+        env.update(
+            {
+                "RABBITMQ_NODENAME": node.name,
+                "RABBITMQ_DIST_PORT": str(node.dist_port),
+                "RABBITMQ_CONFIG_FILE": str(node.config_file),
+                "RABBITMQ_CONFIG_FILES": str(node.conf_d),
+                "RABBITMQ_ENABLED_PLUGINS_FILE": str(node.directory / "enabled_plugins"),
+                "RABBITMQ_FEATURE_FLAGS_FILE": str(node.directory / "feature_flags"),
+                "RABBITMQ_MNESIA_BASE": str(node.directory / "mnesia"),
+                "RABBITMQ_LOG_BASE": str(node.directory / "log"),
+                "RABBITMQ_PID_FILE": str(node.directory / "rabbitmq.pid"),
+                "RABBITMQ_PLUGINS_EXPAND_DIR": str(node.directory / "plugins-expand"),
+                # Our epmd only; distribution bound to loopback.
+                "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": (
+                    "-start_epmd false -kernel inet_dist_use_interface {127,0,0,1}"
+                ),
+            }
+        )
+        return env
+
+    def _start_epmd(self) -> None:
+        assert self.base_dir is not None
+        epmd = shutil.which("epmd")
+        if epmd is None:
+            raise _not_installed("'epmd' (Erlang) not on PATH")
+        with open(self.base_dir / "epmd.log", "ab") as out:
+            self._epmd = subprocess.Popen(
+                [epmd, "-port", str(self.epmd_port), "-address", "127.0.0.1"],
+                env=self._base_env(),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 10
+        while not _port_open(self.epmd_port):
+            if self._epmd.poll() is not None:
+                raise ClusterError(
+                    f"epmd exited with {self._epmd.returncode} on port {self.epmd_port}: "
+                    + _tail(self.base_dir / "epmd.log")
+                )
+            if time.monotonic() > deadline:
+                raise ClusterError(f"epmd did not listen on 127.0.0.1:{self.epmd_port} in 10 s")
+            time.sleep(0.05)
+        log.info("epmd pid %d listening on 127.0.0.1:%d", self._epmd.pid, self.epmd_port)
+
+    def _spawn(self, node: _Node) -> None:
+        server = self.rabbitmq_home / "bin" / "rabbitmq-server"
+        with open(node.stdout_log, "ab") as out:
+            node.proc = subprocess.Popen(
+                [str(server)],
+                env=self._node_env(node),
+                cwd=node.directory,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        node.session_pids = {node.proc.pid}
+        log.info("started %s (pid %d, amqp %d)", node.name, node.proc.pid, node.amqp_port)
+
+    def _node_failed(self, node: _Node, why: str) -> ClusterError:
+        return ClusterError(
+            f"{node.name}: {why}\n--- last lines of {node.stdout_log} ---\n{_tail(node.stdout_log)}"
+        )
+
+    def _wait_node_ready(self, node: _Node, deadline: float) -> None:
+        """Until the node's AMQP listener accepts connections (end of boot)."""
+        while True:
+            if node.proc is None or node.proc.poll() is not None:
+                code = None if node.proc is None else node.proc.returncode
+                raise self._node_failed(node, f"exited during boot (exit status {code})")
+            if _port_open(node.amqp_port):
+                return
+            if time.monotonic() > deadline:
+                raise self._node_failed(node, f"AMQP port {node.amqp_port} not open in time")
+            time.sleep(0.2)
+
+    # ----------------------------------------------------------------------- API
+    def start(self, timeout: float = 120) -> None:
+        """Boot all nodes in parallel; return when all ``size`` are running and clustered."""
+        with self._lock:
+            if self._closed:
+                raise ClusterError("cluster already closed")
+            _become_subreaper()
+            t0 = time.monotonic()
+            deadline = t0 + timeout
+            try:
+                self._prepare()
+                self._start_epmd()
+                for node in self._nodes:
+                    self._spawn(node)
+                for node in self._nodes:
+                    self._wait_node_ready(node, deadline)
+                self.timings["boot"] = time.monotonic() - t0
+                log.info("all %d nodes accept AMQP after %.1f s", self.size, self.timings["boot"])
+                self.wait_clustered(timeout=max(1.0, deadline - time.monotonic()))
+                self.timings["clustered"] = time.monotonic() - t0
+            except BaseException:
+                log.error("start failed; stopping every process of cluster %s", self.cluster_id)
+                self._kill_everything()
+                raise
+            log.info(
+                "cluster %s ready: %d nodes clustered after %.1f s (boot %.1f s)",
+                self.cluster_id,
+                self.size,
+                self.timings["clustered"],
+                self.timings["boot"],
+            )
+
+    def cluster_status(self, i: int = 0) -> dict[str, object]:
+        """``rabbitmqctl cluster_status`` of node i, parsed from JSON."""
+        result = json.loads(self.rabbitmqctl(i, "cluster_status", "--formatter", "json"))
+        if not isinstance(result, dict):
+            raise ClusterError(f"unexpected cluster_status output: {result!r}")
+        return result
+
+    def running_nodes(self, i: int = 0) -> list[str]:
+        nodes = self.cluster_status(i).get("running_nodes", [])
+        return sorted(str(n) for n in nodes) if isinstance(nodes, list) else []
+
+    def wait_clustered(self, timeout: float = 60, nodes: list[int] | None = None) -> None:
+        """Until every node in ``nodes`` (default: all) sees all ``size`` nodes running."""
+        self._require_prepared()
+        indices = list(range(self.size)) if nodes is None else nodes
+        expected = sorted(self.node_names)
+        deadline = time.monotonic() + timeout
+        last: object = None
+        pending = list(indices)
+        while pending:
+            i = pending[0]
+            node = self._nodes[i]
+            if node.proc is None or node.proc.poll() is not None:
+                raise self._node_failed(node, "is not running")
+            try:
+                last = self.running_nodes(i)
+                if last == expected:
+                    pending.pop(0)
+                    continue
+            except ClusterError as exc:
+                last = exc
+            if time.monotonic() > deadline:
+                raise ClusterError(
+                    f"{node.name} does not see all {self.size} nodes running after "
+                    f"{timeout:.0f} s; last answer: {last}"
+                )
+            time.sleep(0.5)
+        log.info("clustered: %s", ", ".join(expected))
+
+    def _cli(self, tool: str, i: int, args: tuple[str, ...], timeout: float) -> str:
+        self._require_prepared()
+        node = self._nodes[i]
+        cmd = [str(self.rabbitmq_home / "bin" / tool), "-n", node.name, *args]
+        proc = subprocess.Popen(
+            cmd,
+            env=self._base_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise ClusterError(f"{' '.join(cmd)} timed out after {timeout:.0f} s") from None
+        if proc.returncode != 0:
+            raise ClusterError(
+                f"{' '.join(cmd)} failed with exit status {proc.returncode}:\n"
+                f"{err.decode(errors='replace')}{out.decode(errors='replace')}"
+            )
+        return out.decode(errors="replace")
+
+    def rabbitmqctl(self, i: int, *args: str, timeout: float = 60) -> str:
+        """Run ``rabbitmqctl -n <node i> ARGS`` with this cluster's cookie and epmd."""
+        return self._cli("rabbitmqctl", i, args, timeout)
+
+    def rabbitmq_diagnostics(self, i: int, *args: str, timeout: float = 60) -> str:
+        return self._cli("rabbitmq-diagnostics", i, args, timeout)
+
+    def rabbitmq_queues(self, i: int, *args: str, timeout: float = 60) -> str:
+        return self._cli("rabbitmq-queues", i, args, timeout)
+
+    def node_pids(self, i: int) -> set[int]:
+        """Live processes of node i's session (sh wrapper, beam.smp, helpers)."""
+        node = self._nodes[i]
+        if node.proc is None:
+            return set()
+        return {p for p in _session_pids(node.proc.pid) if _alive(p)}
+
+    def is_running(self, i: int) -> bool:
+        node = self._nodes[i]
+        return node.proc is not None and node.proc.poll() is None
+
+    def start_node(self, i: int, timeout: float = 90) -> None:
+        """(Re)start node i with its existing data; wait until it has rejoined."""
+        with self._lock:
+            self._require_prepared()
+            node = self._nodes[i]
+            if self.is_running(i):
+                raise ClusterError(f"{node.name} is already running")
+            t0 = time.monotonic()
+            self._spawn(node)
+            self._wait_node_ready(node, t0 + timeout)
+            self.wait_clustered(timeout=max(1.0, t0 + timeout - time.monotonic()))
+            log.info("%s back and clustered after %.1f s", node.name, time.monotonic() - t0)
+
+    def stop_node(self, i: int, graceful: bool = True, timeout: float = 60) -> None:
+        """Stop node i: SIGTERM (RabbitMQ's graceful shutdown) or SIGKILL."""
+        with self._lock:
+            self._require_prepared()
+            node = self._nodes[i]
+            if node.proc is None:
+                return
+            members = self.node_pids(i) | {node.proc.pid}
+            if graceful and node.proc.poll() is None:
+                log.info("stopping %s gracefully (SIGTERM)", node.name)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(node.proc.pid, signal.SIGTERM)
+                try:
+                    node.proc.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    log.warning("%s ignored SIGTERM for %.0f s; killing it", node.name, timeout)
+            self._kill_group(node.proc, members)
+            node.proc = None
+
+    def kill_node(self, i: int) -> None:
+        """SIGKILL node i's whole process group (a crash, not a shutdown)."""
+        self.stop_node(i, graceful=False)
+
+    def _kill_group(self, proc: subprocess.Popen[bytes], members: set[int]) -> None:
+        """SIGKILL a process group we started, reap it, verify it is gone."""
+        members = members | _session_pids(proc.pid) | {proc.pid}
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        for pid in members:  # members that changed group (should not happen)
+            if pid != proc.pid and _alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while True:
+            _reap(members)
+            alive = {p for p in members if _proc_state(p) not in (None, "X")}
+            # Zombies not ours to reap (parent is not us) are dead already.
+            alive = {p for p in alive if _proc_state(p) != "Z" or _parent(p) == os.getpid()}
+            if not alive or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        if alive:
+            log.warning("processes still present after SIGKILL: %s", sorted(alive))
+
+    def pids(self) -> list[int]:
+        """Every live OS process this cluster started and still has."""
+        if not self._prepared:
+            return []
+        found = marked_pids(self.cluster_id)
+        for node in self._nodes:
+            if node.proc is not None and node.proc.poll() is None:
+                found |= _session_pids(node.proc.pid)
+        if self._epmd is not None and self._epmd.poll() is None:
+            found.add(self._epmd.pid)
+        return sorted(p for p in found if _alive(p))
+
+    def _kill_everything(self) -> None:
+        procs = [n.proc for n in self._nodes if n.proc is not None]
+        if self._epmd is not None:
+            procs.append(self._epmd)
+        # SIGKILL every group first (a node whose peers vanish one by one would
+        # otherwise spend the wait pausing itself), then reap and verify each.
+        members = {p.pid: _session_pids(p.pid) for p in procs}
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        for proc in procs:
+            self._kill_group(proc, members[proc.pid])
+        for node in self._nodes:
+            node.proc = None
+        self._epmd = None
+        # Anything else carrying our marker (a CLI call in flight, an epmd that
+        # Erlang daemonized despite -start_epmd false) is ours too.
+        strays = marked_pids(self.cluster_id) if self._prepared else set()
+        for pid in strays:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while strays and time.monotonic() < deadline:
+            _reap(strays)
+            strays = {p for p in strays if _alive(p)}
+            time.sleep(0.05)
+
+    def close(self, remove_dir: bool | None = None) -> None:
+        """Stop every process this cluster started (by process group), verify they are gone.
+
+        Idempotent, and safe after a failed or partial start.  Removes the base
+        directory if this object created it (``remove_dir`` overrides).
+        """
+        with self._lock:
+            self._kill_everything()
+            leftover = self.pids()
+            if leftover:
+                raise ClusterError(
+                    f"cluster {self.cluster_id}: processes survived close(): {leftover}"
+                )
+            self._closed = True
+            remove = self._own_base_dir if remove_dir is None else remove_dir
+            if remove and self.base_dir is not None and self.base_dir.exists():
+                shutil.rmtree(self.base_dir, ignore_errors=True)
+                log.info("removed %s", self.base_dir)
+
+    def config_file(self, i: int) -> Path:
+        """Path of node i's rendered ``rabbitmq.conf``."""
+        self._require_prepared()
+        return self._nodes[i].config_file
+
+    def logs(self, i: int, lines: int = 60) -> str:
+        """Last lines of node i's stdout/stderr log."""
+        self._require_prepared()
+        return _tail(self._nodes[i].stdout_log, lines)
+
+    def __enter__(self) -> LocalRabbitCluster:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2 :].split(" ")[1])
