@@ -1,10 +1,10 @@
 """A reliable Celery worker cluster: config -> GKE -> RabbitMQ -> workers -> exports."""
 
 import pulumi
+from components.rabbitmq import RabbitmqCluster
 
 from components import config as stack_config
 from components.gke import GkeCluster, existing_cluster_provider
-from components.rabbitmq import RabbitmqCluster
 from components.worker_image import worker_image
 from components.workers import CeleryWorkers
 
@@ -21,9 +21,7 @@ else:
     provider = existing_cluster_provider(config)
 
 rabbitmq = RabbitmqCluster("rabbitmq", config, provider)
-workers = CeleryWorkers(
-    "workers", config, provider, rabbitmq.broker_urls, worker_image(config)
-)
+workers = CeleryWorkers("workers", config, provider, rabbitmq.broker_urls, worker_image(config))
 
 pulumi.export("broker_urls", rabbitmq.broker_urls)
 pulumi.export("rabbitmq_namespace", rabbitmq.namespace)

@@ -138,9 +138,7 @@ class RabbitmqConfig:
     # preStop drains the node (waits for quorum queues to keep a majority
     # elsewhere, then moves clients off) before Kubernetes sends SIGKILL.
     termination_grace_seconds: int = 600
-    resources: Resources = field(
-        default_factory=lambda: Resources("500m", "1Gi", "1", "2Gi")
-    )
+    resources: Resources = field(default_factory=lambda: Resources("500m", "1Gi", "1", "2Gi"))
 
     @property
     def version(self) -> str:
@@ -169,9 +167,7 @@ class WorkersConfig:
     namespace: str = "workers"
     # The longest task's run time: the grace period lets a warm shutdown finish it.
     longest_task_seconds: int = 10
-    resources: Resources = field(
-        default_factory=lambda: Resources("250m", "256Mi", "1", "512Mi")
-    )
+    resources: Resources = field(default_factory=lambda: Resources("250m", "256Mi", "1", "512Mi"))
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     @property
@@ -332,7 +328,11 @@ def _check_image(path: str, image: str, *, repository: str | None = None) -> Non
             _key(path), image, "an image with a pinned tag or digest (not 'latest' or untagged)"
         )
     if repository is not None and name not in (repository, f"docker.io/library/{repository}"):
-        raise ConfigError(_key(path), image, f"the official {repository!r} image, e.g. {repository}:4.1.4-management")
+        raise ConfigError(
+            _key(path),
+            image,
+            f"the official {repository!r} image, e.g. {repository}:4.1.4-management",
+        )
 
 
 def _check_cidr(path: str, value: str) -> None:
@@ -353,7 +353,11 @@ def validate(config: StackConfig) -> None:
                 "required when target is 'gke': pulumi config set gcp:project <your-project-id>",
             )
         if not _GCP_PROJECT.match(config.gcp_project):
-            raise ConfigError("gcp:project", config.gcp_project, "a GCP project id (6-30 lowercase letters, digits, hyphens)")
+            raise ConfigError(
+                "gcp:project",
+                config.gcp_project,
+                "a GCP project id (6-30 lowercase letters, digits, hyphens)",
+            )
     if not _GCP_REGION.match(gke.region):
         raise ConfigError(_key("gke.region"), gke.region, "a GCP region such as us-east1")
     if gke.zone is not None:
@@ -361,16 +365,22 @@ def validate(config: StackConfig) -> None:
             raise ConfigError(_key("gke.zone"), gke.zone, "a GCP zone such as us-east1-c")
         if not gke.zone.startswith(gke.region + "-"):
             raise ConfigError(
-                _key("gke.zone"), gke.zone, f"a zone of the configured region {gke.region!r}, e.g. {gke.region}-b"
+                _key("gke.zone"),
+                gke.zone,
+                f"a zone of the configured region {gke.region!r}, e.g. {gke.region}-b",
             )
     if not _GCE_MACHINE_TYPE.match(gke.machine_type):
         raise ConfigError(
-            _key("gke.machineType"), gke.machine_type, "a Compute Engine machine type such as e2-standard-2"
+            _key("gke.machineType"),
+            gke.machine_type,
+            "a Compute Engine machine type such as e2-standard-2",
         )
     if gke.nodes_per_zone < 1:
         raise ConfigError(_key("gke.nodesPerZone"), gke.nodes_per_zone, "an integer >= 1")
     if not 10 <= gke.disk_size_gb <= 65536:
-        raise ConfigError(_key("gke.diskSizeGb"), gke.disk_size_gb, "an integer between 10 and 65536")
+        raise ConfigError(
+            _key("gke.diskSizeGb"), gke.disk_size_gb, "an integer between 10 and 65536"
+        )
     for name in ("subnet_cidr", "pods_cidr", "services_cidr"):
         _check_cidr(f"gke.{_camel(name)}", getattr(gke, name))
 
@@ -392,31 +402,41 @@ def validate(config: StackConfig) -> None:
         )
     _check_image("rabbitmq.image", rmq.image, repository="rabbitmq")
     if not rmq.image.endswith("-management") and "@sha256:" not in rmq.image:
-        raise ConfigError(_key("rabbitmq.image"), rmq.image, "the management variant (tag ending in -management)")
-    for path, name in (("rabbitmq.namespace", rmq.namespace), ("workers.namespace", workers.namespace),
-                       ("rabbitmq.storageClass", rmq.storage_class)):
+        raise ConfigError(
+            _key("rabbitmq.image"), rmq.image, "the management variant (tag ending in -management)"
+        )
+    for path, name in (
+        ("rabbitmq.namespace", rmq.namespace),
+        ("workers.namespace", workers.namespace),
+        ("rabbitmq.storageClass", rmq.storage_class),
+    ):
         if not _DNS_LABEL.match(name):
             raise ConfigError(_key(path), name, "a lowercase DNS label (a-z, 0-9, '-'; at most 63)")
     if not _STORAGE_SIZE.match(rmq.storage_size):
-        raise ConfigError(_key("rabbitmq.storageSize"), rmq.storage_size, "a size in Mi, Gi or Ti such as 10Gi")
+        raise ConfigError(
+            _key("rabbitmq.storageSize"), rmq.storage_size, "a size in Mi, Gi or Ti such as 10Gi"
+        )
     if config.target != "gke" and rmq.storage_class in MANAGED_STORAGE_TYPES:
         raise ConfigError(
             _key("rabbitmq.storageClass"),
             rmq.storage_class,
-            "the name of a storage class that exists in the cluster (pd-ssd and pd-balanced need target 'gke')",
+            "the name of a storage class that exists in the cluster "
+            "(pd-ssd and pd-balanced need target 'gke')",
         )
     if rmq.delivery_limit < 1:
         raise ConfigError(_key("rabbitmq.deliveryLimit"), rmq.delivery_limit, "an integer >= 1")
     if rmq.termination_grace_seconds < 60:
         raise ConfigError(
-            _key("rabbitmq.terminationGraceSeconds"), rmq.termination_grace_seconds,
+            _key("rabbitmq.terminationGraceSeconds"),
+            rmq.termination_grace_seconds,
             "an integer >= 60: the preStop drain needs time",
         )
     if config.target == "gke" and rmq.anti_affinity == "required" and gke.node_count < rmq.replicas:
         raise ConfigError(
             _key("rabbitmq.replicas"),
             rmq.replicas,
-            f"at most the {gke.node_count} node(s) the GKE pool gives, since anti-affinity is required",
+            f"at most the {gke.node_count} node(s) the GKE pool gives, "
+            "since anti-affinity is required",
         )
     _check_resources("rabbitmq.resources", rmq.resources)
 
@@ -425,24 +445,36 @@ def validate(config: StackConfig) -> None:
     if workers.concurrency < 1:
         raise ConfigError(_key("workers.concurrency"), workers.concurrency, "an integer >= 1")
     if workers.longest_task_seconds < 1:
-        raise ConfigError(_key("workers.longestTaskSeconds"), workers.longest_task_seconds, "an integer >= 1")
+        raise ConfigError(
+            _key("workers.longestTaskSeconds"), workers.longest_task_seconds, "an integer >= 1"
+        )
     if workers.image:
         _check_image("workers.image", workers.image)
     elif config.target != "gke":
         raise ConfigError(
-            _key("workers.image"), workers.image,
-            "a prebuilt image reference when target is 'existing' (the image is built only for GKE)",
+            _key("workers.image"),
+            workers.image,
+            "a prebuilt image reference when target is 'existing' "
+            "(the image is built only for GKE)",
         )
     _check_resources("workers.resources", workers.resources)
     if workers.scheduler.tasks < 1:
-        raise ConfigError(_key("workers.scheduler.tasks"), workers.scheduler.tasks, "an integer >= 1")
+        raise ConfigError(
+            _key("workers.scheduler.tasks"), workers.scheduler.tasks, "an integer >= 1"
+        )
     if workers.scheduler.task_seconds < 0:
-        raise ConfigError(_key("workers.scheduler.taskSeconds"), workers.scheduler.task_seconds, "a number >= 0")
+        raise ConfigError(
+            _key("workers.scheduler.taskSeconds"), workers.scheduler.task_seconds, "a number >= 0"
+        )
     if config.production:
-        for path, res in (("rabbitmq.resources", rmq.resources), ("workers.resources", workers.resources)):
+        for path, res in (
+            ("rabbitmq.resources", rmq.resources),
+            ("workers.resources", workers.resources),
+        ):
             if res.cpu_limit is None or res.memory_limit is None:
                 raise ConfigError(
-                    _key(path), dataclasses.asdict(res),
+                    _key(path),
+                    dataclasses.asdict(res),
                     "cpuLimit and memoryLimit set in a production stack",
                 )
 

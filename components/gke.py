@@ -48,7 +48,9 @@ def subnetwork(
         ip_cidr_range=gke.subnet_cidr,
         private_ip_google_access=True,
         secondary_ip_ranges=[
-            gcp.compute.SubnetworkSecondaryIpRangeArgs(range_name="pods", ip_cidr_range=gke.pods_cidr),
+            gcp.compute.SubnetworkSecondaryIpRangeArgs(
+                range_name="pods", ip_cidr_range=gke.pods_cidr
+            ),
             gcp.compute.SubnetworkSecondaryIpRangeArgs(
                 range_name="services", ip_cidr_range=gke.services_cidr
             ),
@@ -168,9 +170,7 @@ def node_pool(
     )
 
 
-def kubeconfig(
-    gke_cluster: gcp.container.Cluster, config: StackConfig
-) -> pulumi.Output[str]:
+def kubeconfig(gke_cluster: gcp.container.Cluster, config: StackConfig) -> pulumi.Output[str]:
     """A kubeconfig that authenticates through gke-gcloud-auth-plugin (no static token)."""
 
     def render(args: list[str]) -> str:

@@ -15,7 +15,9 @@ from components.config import StackConfig
 REPOSITORY_ID = "celery-workers"
 
 
-def artifact_repository(config: StackConfig, opts: pulumi.ResourceOptions) -> gcp.artifactregistry.Repository:
+def artifact_repository(
+    config: StackConfig, opts: pulumi.ResourceOptions
+) -> gcp.artifactregistry.Repository:
     return gcp.artifactregistry.Repository(
         "workers-images",
         project=config.gcp_project,

@@ -40,17 +40,23 @@ def namespace(config: StackConfig) -> Manifest:
     return {
         "apiVersion": "v1",
         "kind": "Namespace",
-        "metadata": {"name": config.workers.namespace, "labels": app_labels(WORKER_APP, "namespace")},
+        "metadata": {
+            "name": config.workers.namespace,
+            "labels": app_labels(WORKER_APP, "namespace"),
+        },
     }
 
 
 def broker_secret(config: StackConfig, broker_urls: pulumi.Input[Sequence[str]]) -> Manifest:
     """The failover list, credentials inside: never plain text in the Deployment."""
-    urls = pulumi.Output.secret(pulumi.Output.from_input(broker_urls).apply(",".join))
+    joined: pulumi.Output[str] = pulumi.Output.from_input(broker_urls).apply(",".join)
+    urls: pulumi.Output[str] = pulumi.Output.secret(joined)
     return {
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": _metadata(BROKER_SECRET, config.workers.namespace, app_labels(WORKER_APP, "broker")),
+        "metadata": _metadata(
+            BROKER_SECRET, config.workers.namespace, app_labels(WORKER_APP, "broker")
+        ),
         "type": "Opaque",
         "stringData": {BROKER_URLS_KEY: urls},
     }
@@ -61,7 +67,9 @@ def service_account(config: StackConfig) -> Manifest:
     return {
         "apiVersion": "v1",
         "kind": "ServiceAccount",
-        "metadata": _metadata(SERVICE_ACCOUNT, config.workers.namespace, app_labels(WORKER_APP, "worker")),
+        "metadata": _metadata(
+            SERVICE_ACCOUNT, config.workers.namespace, app_labels(WORKER_APP, "worker")
+        ),
         "automountServiceAccountToken": False,
     }
 
@@ -150,7 +158,10 @@ def deployment(config: StackConfig, image: pulumi.Input[str]) -> Manifest:
             "replicas": workers.replicas,
             "selector": {"matchLabels": selector_labels(WORKER_APP)},
             # Never below the wanted capacity during a rollout: surge first.
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+            },
             "template": {
                 "metadata": {"labels": labels},
                 "spec": {
@@ -173,7 +184,9 @@ def pod_disruption_budget(config: StackConfig) -> Manifest:
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
-        "metadata": _metadata("celery-worker", config.workers.namespace, app_labels(WORKER_APP, "worker")),
+        "metadata": _metadata(
+            "celery-worker", config.workers.namespace, app_labels(WORKER_APP, "worker")
+        ),
         "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(WORKER_APP)}},
     }
 
@@ -183,7 +196,9 @@ def network_policy(config: StackConfig) -> Manifest:
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
-        "metadata": _metadata("deny-ingress", config.workers.namespace, app_labels(WORKER_APP, "network")),
+        "metadata": _metadata(
+            "deny-ingress", config.workers.namespace, app_labels(WORKER_APP, "network")
+        ),
         "spec": {"podSelector": {}, "policyTypes": ["Ingress"]},
     }
 
@@ -254,8 +269,12 @@ class CeleryWorkers(pulumi.ComponentResource):
         child = pulumi.ResourceOptions(parent=self, provider=provider)
 
         ns = namespace(config)
-        ns_resource = k8s.core.v1.Namespace(f"{name}-namespace", metadata=ns["metadata"], opts=child)
-        in_ns = pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(depends_on=[ns_resource]))
+        ns_resource = k8s.core.v1.Namespace(
+            f"{name}-namespace", metadata=ns["metadata"], opts=child
+        )
+        in_ns = pulumi.ResourceOptions.merge(
+            child, pulumi.ResourceOptions(depends_on=[ns_resource])
+        )
 
         secret = broker_secret(config, broker_urls)
         secret_resource = k8s.core.v1.Secret(
@@ -295,6 +314,8 @@ class CeleryWorkers(pulumi.ComponentResource):
                 f"{name}-scheduler",
                 metadata=job["metadata"],
                 spec=job["spec"],
-                opts=pulumi.ResourceOptions.merge(ready, pulumi.ResourceOptions(depends_on=[self.deployment])),
+                opts=pulumi.ResourceOptions.merge(
+                    ready, pulumi.ResourceOptions(depends_on=[self.deployment])
+                ),
             )
         self.register_outputs({"namespace": self.namespace})

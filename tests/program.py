@@ -70,13 +70,19 @@ class ProgramRun:
 
     def one(self, type_: str, name: str | None = None) -> Registered:
         found = [r for r in self.of_type(type_) if name is None or r.name == name]
-        assert len(found) == 1, f"expected one {type_} {name or ''}, found {[r.name for r in found]}"
+        assert len(found) == 1, (
+            f"expected one {type_} {name or ''}, found {[r.name for r in found]}"
+        )
         return found[0]
 
     def kubernetes_objects(self) -> Iterator[tuple[Registered, dict[str, Any]]]:
         """Every Kubernetes object the program registers, as a manifest."""
         for r in self.resources:
-            if r.custom and r.type.startswith("kubernetes:") and r.type != "pulumi:providers:kubernetes":
+            if (
+                r.custom
+                and r.type.startswith("kubernetes:")
+                and r.type != "pulumi:providers:kubernetes"
+            ):
                 yield r, manifest(r)
 
     def kubernetes_object(self, kind: str, name: str | None = None) -> dict[str, Any]:
@@ -105,20 +111,24 @@ class _Mocks(pulumi.runtime.Mocks):
                 masterAuth={"clusterCaCertificate": "TU9DSy1DQQ=="},
             )
         elif args.typ == "gcp:serviceaccount/account:Account":
-            outputs["email"] = f"{args.inputs['accountId']}@{TEST_GCP_PROJECT}.iam.gserviceaccount.com"
+            outputs["email"] = (
+                f"{args.inputs['accountId']}@{TEST_GCP_PROJECT}.iam.gserviceaccount.com"
+            )
         elif args.typ == "random:index/randomPassword:RandomPassword":
             outputs["result"] = "x" * int(args.inputs.get("length", 16))
         elif args.typ == "gcp:artifactregistry/repository:Repository":
             outputs["repositoryId"] = args.inputs.get("repositoryId", args.name)
         elif args.typ == "docker-build:index:Image":
-            outputs["ref"] = "us-east1-docker.pkg.dev/celery-cluster-test/workers/app@sha256:" + "0" * 64
+            outputs["ref"] = (
+                "us-east1-docker.pkg.dev/celery-cluster-test/workers/app@sha256:" + "0" * 64
+            )
         if args.typ.startswith("kubernetes:") and "metadata" in outputs:
             metadata = dict(outputs["metadata"])
             metadata.setdefault("name", args.name)
             outputs["metadata"] = metadata
         return f"{args.name}-id", outputs
 
-    def call(self, args: pulumi.runtime.MockCallArgs) -> dict:
+    def call(self, args: pulumi.runtime.MockCallArgs) -> dict:  # type: ignore[override]
         if args.token == "gcp:organizations/getClientConfig:getClientConfig":
             return {"accessToken": "mock-access-token", "project": TEST_GCP_PROJECT}
         return {}
@@ -129,7 +139,7 @@ class _RecordingMonitor(pulumi_mocks.MockMonitor):
         super().__init__(mocks)
         self.run = run
 
-    def RegisterResource(self, request: Any) -> Any:  # noqa: N802 - gRPC method name
+    def RegisterResource(self, request: Any) -> Any:
         response = super().RegisterResource(request)
         if request.type != "pulumi:pulumi:Stack":
             self.run.resources.append(
@@ -137,7 +147,9 @@ class _RecordingMonitor(pulumi_mocks.MockMonitor):
                     urn=response.urn,
                     type=request.type,
                     name=request.name,
-                    inputs=self.resources[response.urn].state if response.urn in self.resources else {},
+                    inputs=self.resources[response.urn].state
+                    if response.urn in self.resources
+                    else {},
                     custom=request.custom,
                     protect=request.protect,
                     parent=request.parent,

@@ -93,8 +93,14 @@ def test_missing_gcp_project_is_rejected_for_the_gke_target(stack: str) -> None:
 def test_existing_target_needs_no_gcp_project() -> None:
     config = stack_config("dev", gcp_project=None)
     config["celery-cluster:target"] = "existing"
-    config["celery-cluster:rabbitmq"] = {**config["celery-cluster:rabbitmq"], "storageClass": "standard"}
-    config["celery-cluster:workers"] = {**config["celery-cluster:workers"], "image": "example/celery:1.0"}
+    config["celery-cluster:rabbitmq"] = {
+        **config["celery-cluster:rabbitmq"],
+        "storageClass": "standard",
+    }
+    config["celery-cluster:workers"] = {
+        **config["celery-cluster:workers"],
+        "image": "example/celery:1.0",
+    }
     run = run_program(config, "dev")
     assert run.error is None
     assert not [r for r in run.resources if r.type.startswith("gcp:")]
@@ -109,7 +115,12 @@ def test_existing_target_needs_no_gcp_project() -> None:
         ("celery-cluster:rabbitmq", ["antiAffinity"], "soft", "'required', 'preferred'"),
         ("celery-cluster:rabbitmq", ["pvcRetention"], "Keep", "'Retain', 'Delete'"),
         ("celery-cluster:rabbitmq", ["image"], "rabbitmq:latest", "pinned tag"),
-        ("celery-cluster:rabbitmq", ["image"], "bitnami/rabbitmq:3.13.7", "official 'rabbitmq' image"),
+        (
+            "celery-cluster:rabbitmq",
+            ["image"],
+            "bitnami/rabbitmq:3.13.7",
+            "official 'rabbitmq' image",
+        ),
         ("celery-cluster:rabbitmq", ["image"], "rabbitmq:4.1.4", "management variant"),
         ("celery-cluster:gke", ["spot"], "yes", "true or false"),
         ("celery-cluster:gke", ["subnetCidr"], "10.0.0.0/33", "CIDR"),
@@ -132,7 +143,9 @@ def test_malformed_values_name_key_value_and_allowed(
 
 
 def test_production_needs_resource_limits() -> None:
-    config = _with("prod", "celery-cluster:workers", ["resources"], {"cpuRequest": "1", "memoryRequest": "1Gi"})
+    config = _with(
+        "prod", "celery-cluster:workers", ["resources"], {"cpuRequest": "1", "memoryRequest": "1Gi"}
+    )
     _rejected(config, "prod", "celery-cluster:workers.resources", "cpuLimit and memoryLimit")
 
 

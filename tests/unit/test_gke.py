@@ -57,7 +57,10 @@ def test_the_node_pool_gives_at_least_three_nodes(stack_run: ProgramRun) -> None
     assert node["spot"] is (not config.production)
     assert node["machineType"] == config.gke.machine_type
     assert node["diskType"] == config.gke.disk_type
-    assert node["shieldedInstanceConfig"] == {"enableSecureBoot": True, "enableIntegrityMonitoring": True}
+    assert node["shieldedInstanceConfig"] == {
+        "enableSecureBoot": True,
+        "enableIntegrityMonitoring": True,
+    }
     assert node["workloadMetadataConfig"] == {"mode": "GKE_METADATA"}
 
 

@@ -58,7 +58,9 @@ def test_workers_run_non_root_and_spread_across_nodes() -> None:
 
 
 def test_liveness_does_not_depend_on_the_broker() -> None:
-    container = workers.deployment(_config("dev"), "img:1")["spec"]["template"]["spec"]["containers"][0]
+    container = workers.deployment(_config("dev"), "img:1")["spec"]["template"]["spec"][
+        "containers"
+    ][0]
     command = container["livenessProbe"]["exec"]["command"]
     assert command[:3] == ["python", "-m", "app.liveness"]
     assert "inspect" not in command and "ping" not in command
@@ -86,7 +88,9 @@ def test_every_stack_registers_workers_with_a_pdb_and_a_pinned_image(stack_run: 
     deployment = reveal(stack_run.one(DEPLOYMENT, "workers-deployment").inputs)
     pod = deployment["spec"]["template"]["spec"]
     image = pod["containers"][0]["image"]
-    assert "@sha256:" in image or (":" in image.rsplit("/", 1)[-1] and not image.endswith(":latest"))
+    assert "@sha256:" in image or (
+        ":" in image.rsplit("/", 1)[-1] and not image.endswith(":latest")
+    )
     assert pod["containers"][0]["resources"]["requests"]
     assert pod["terminationGracePeriodSeconds"] >= 60
     assert deployment["spec"]["template"]["metadata"]["labels"][AMQP_CLIENT_LABEL] == "true"
@@ -127,7 +131,10 @@ def test_an_image_is_built_and_pushed_unless_one_is_given() -> None:
     assert all(not tag.endswith(":latest") for tag in image["tags"])
 
     config = stack_config("dev")
-    config["celery-cluster:workers"] = {**config["celery-cluster:workers"], "image": "example/celery:1.0"}
+    config["celery-cluster:workers"] = {
+        **config["celery-cluster:workers"],
+        "image": "example/celery:1.0",
+    }
     prebuilt = run_program(config, "dev")
     assert prebuilt.error is None
     assert not prebuilt.of_type("docker-build:index:Image")

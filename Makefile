@@ -1,0 +1,29 @@
+# User-facing commands; each wraps a Python CLI (tools/, app/, localcluster/).
+# `make test` does all of its own set-up on a fresh Debian/Ubuntu machine.
+
+PYTHON ?= python3
+VENV_PY := .venv/bin/python
+STACK ?= dev
+
+.PHONY: setup setup-cloud test lint typecheck unit preview up destroy
+
+setup:
+	$(PYTHON) tools/bootstrap.py
+
+setup-cloud:
+	$(PYTHON) tools/bootstrap.py --no-rabbitmq
+
+lint: setup-cloud
+	$(VENV_PY) -m ruff check .
+	$(VENV_PY) -m ruff format --check .
+
+typecheck: setup-cloud
+	$(VENV_PY) -m mypy .
+
+# Everything CI runs: lint, type check, unit/mocks/schema tests and the
+# real-RabbitMQ integration tests.
+test: setup lint typecheck
+	$(VENV_PY) -m pytest
+
+preview up destroy: setup-cloud
+	$(VENV_PY) -m tools.stack $@ --stack $(STACK)

@@ -1,0 +1,104 @@
+#!/usr/bin/env python3
+"""Set up a checkout on a fresh Debian/Ubuntu machine: virtualenv, locked packages, RabbitMQ.
+
+Standard library only: it runs before the virtualenv exists. Idempotent and
+quick when nothing changed (the lock file's hash is stamped into the venv).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV = ROOT / ".venv"
+LOCK = ROOT / "requirements-dev.txt"
+# uv installs the hash-locked set in seconds; pinned like everything else.
+UV_VERSION = "0.13.9"
+RABBITMQ_SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
+APT_INSTALL = "apt-get install -y --no-install-recommends rabbitmq-server"
+
+
+def say(message: str) -> None:
+    print(f"[bootstrap] {message}", flush=True)
+
+
+def run(*args: str | os.PathLike[str], env: dict[str, str] | None = None) -> None:
+    subprocess.run([str(a) for a in args], check=True, env=env)
+
+
+def ensure_python() -> None:
+    # Runs under the system python3, which may be older than the project's floor.
+    if sys.version_info < (3, 11):  # noqa: UP036
+        sys.exit(
+            f"[bootstrap] Python >= 3.11 is needed, this is {sys.version.split()[0]}: "
+            "install python3 (3.11 or newer) and python3-venv"
+        )
+
+
+def ensure_venv() -> Path:
+    python = VENV / "bin" / "python"
+    if not python.exists():
+        say(f"creating the virtualenv {VENV}")
+        try:
+            venv.EnvBuilder(with_pip=True).create(VENV)
+        except subprocess.CalledProcessError:
+            sys.exit("[bootstrap] could not create a virtualenv: apt-get install -y python3-venv")
+    return python
+
+
+def ensure_packages(python: Path) -> None:
+    stamp = VENV / ".requirements-dev.sha256"
+    digest = hashlib.sha256(LOCK.read_bytes()).hexdigest()
+    if stamp.exists() and stamp.read_text() == digest:
+        return
+    uv = VENV / "bin" / "uv"
+    if not uv.exists():
+        say(f"installing uv {UV_VERSION}")
+        run(python, "-m", "pip", "install", "--quiet", f"uv=={UV_VERSION}")
+    say(f"installing the locked packages from {LOCK.name}")
+    run(uv, "pip", "sync", "--quiet", "--python", python, LOCK)
+    stamp.write_text(digest)
+
+
+def ensure_rabbitmq() -> None:
+    if RABBITMQ_SERVER.exists():
+        return
+    if os.geteuid() != 0:
+        sys.exit(
+            "[bootstrap] the integration tests boot RabbitMQ from the OS package, which is "
+            f"not installed. Run:\n\n    sudo apt-get update && sudo {APT_INSTALL}\n"
+        )
+    if shutil.which("apt-get") is None:
+        sys.exit(
+            "[bootstrap] rabbitmq-server is missing and there is no apt-get: "
+            f"install it ({APT_INSTALL})"
+        )
+    say("installing rabbitmq-server from the OS packages")
+    # RUNLEVEL=1 keeps the package from starting a system-wide broker: the
+    # tests start their own nodes on their own ports.
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive", "RUNLEVEL": "1"}
+    run("apt-get", "update", "-qq", env=env)
+    run(*APT_INSTALL.split(), "-qq", env=env)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "--no-rabbitmq", action="store_true", help="skip RabbitMQ (cloud commands do not need it)"
+    )
+    args = parser.parse_args()
+    ensure_python()
+    ensure_packages(ensure_venv())
+    if not args.no_rabbitmq:
+        ensure_rabbitmq()
+
+
+if __name__ == "__main__":
+    main()
