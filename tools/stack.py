@@ -10,6 +10,7 @@ import argparse
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,8 +31,9 @@ COMMANDS = {
 }
 
 
-def missing_tools(which=shutil.which) -> dict[str, str]:
-    return {tool: hint for tool, hint in REQUIRED_TOOLS.items() if which(tool) is None}
+def missing_tools(which: Callable[[str], str | None] | None = None) -> dict[str, str]:
+    find = which or shutil.which
+    return {tool: hint for tool, hint in REQUIRED_TOOLS.items() if find(tool) is None}
 
 
 def stacks() -> list[str]:
@@ -46,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.stack", description=__doc__)
     parser.add_argument("command", choices=sorted(COMMANDS))
     parser.add_argument("--stack", required=True, help="stack name, e.g. dev or prod")
-    parser.add_argument("extra", nargs=argparse.REMAINDER, help="passed on to pulumi")
-    args = parser.parse_args(argv)
+    # Anything else (--yes, --target ...) is passed on to pulumi.
+    args, extra = parser.parse_known_args(argv)
 
     known = stacks()
     if args.stack not in known:
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         for tool, hint in missing.items():
             print(f"  - {tool}: {hint}", file=sys.stderr)
         return 2
-    argv_out = pulumi_argv(args.command, args.stack, args.extra)
+    argv_out = pulumi_argv(args.command, args.stack, extra)
     print("+ " + " ".join(argv_out), flush=True)
     os.chdir(ROOT)
     os.execvp(argv_out[0], argv_out)
