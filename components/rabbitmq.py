@@ -1,0 +1,858 @@
+"""A 3-node RabbitMQ cluster as a StatefulSet, the way the Cluster Operator builds it.
+
+Like the Operator's ``internal/resource/`` builders: ONE small pure function per
+Kubernetes object, returning the manifest as a plain camelCase dict
+(``apiVersion``, ``kind``, ``metadata``, ``spec``/``data``...), each unit-testable on
+its own; :class:`RabbitmqCluster` registers them with the typed pulumi_kubernetes
+classes. Every line of RabbitMQ configuration comes from
+:mod:`components.rabbitmq_conf` (the one renderer, also booted by the local
+integration tests); nothing here writes ``rabbitmq.conf`` text.
+
+What replaces the article's chart, and why:
+
+* The official image, pinned: no custom image, no ``cmd.sh`` join script. The
+  ``rabbitmq_peer_discovery_k8s`` plugin forms the cluster on first boot (a node
+  that lost its volume joins the existing cluster instead of founding a new one).
+* ``podManagementPolicy: Parallel``: with OrderedReady a full restart can deadlock
+  (a node waits for peers to boot, the peers wait for it to be Ready).
+* Long node names ``rabbit@<pod>.<headless>.<namespace>`` from the downward API, a
+  headless Service publishing not-ready addresses (peers must resolve each other
+  before they are Ready) with ports 4369 (epmd) and 25672 (Erlang distribution,
+  which the article mislabelled "management-ssl").
+* Quorum queues instead of ``ha-all`` mirroring (removed in 4.0): the definitions
+  add a ``delivery-limit`` and a dead-letter target.
+* Random Erlang cookie and application user in a Secret, never ``changeThis`` or
+  ``guest``; the management UI is only reachable with ``kubectl port-forward``
+  (the client Service is ClusterIP, there is no LoadBalancer or Ingress).
+* Required pod anti-affinity in production, zone spread, a PodDisruptionBudget,
+  a preStop hook that keeps quorum queues available during voluntary restarts,
+  volumes on the GCE PD CSI driver kept after the StatefulSet is deleted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+from urllib.parse import quote
+
+import pulumi
+import pulumi_kubernetes as k8s
+import pulumi_random as random
+
+from components import names
+from components.config import MANAGED_STORAGE_TYPES, StackConfig
+from components.rabbitmq_conf import (
+    KubernetesDiscovery,
+    default_user_conf,
+    definitions_json,
+    enabled_plugins,
+    rabbitmq_conf,
+)
+
+# --- names shared by the objects below (and by the workers' broker URLs) ------
+
+STATEFULSET = "rabbitmq-server"
+HEADLESS_SERVICE = "rabbitmq-nodes"
+CLIENT_SERVICE = "rabbitmq"
+CONFIG_MAP = "rabbitmq-config"
+SECRET = "rabbitmq-credentials"
+SERVICE_ACCOUNT = "rabbitmq-server"
+ROLE = "rabbitmq-peer-discovery"
+PDB = "rabbitmq-server"
+NETWORK_POLICY = "rabbitmq-server"
+COMPONENT = "broker"
+CLUSTER_DOMAIN = "cluster.local"
+
+# The application user (the workers') and its vhost. There is no guest user.
+APP_USERNAME = "celery"
+VHOST = "celery"
+
+AMQP_PORT = 5672
+MANAGEMENT_PORT = 15672
+PROMETHEUS_PORT = 15692
+EPMD_PORT = 4369
+DIST_PORT = 25672  # Erlang distribution: inter-node and CLI traffic
+# CLI tools run a short-lived Erlang node whose distribution port is taken from
+# this range (25672 + 10000 ... + 10010).
+CLI_DIST_PORTS = (35672, 35682)
+
+# Official image layout: user rabbitmq is uid/gid 999, HOME is /var/lib/rabbitmq
+# (where the node and the CLI tools read .erlang.cookie), data below mnesia/.
+RABBITMQ_UID = 999
+HOME_DIR = "/var/lib/rabbitmq"
+DATA_DIR = f"{HOME_DIR}/mnesia"
+COOKIE_FILE = f"{HOME_DIR}/.erlang.cookie"
+COOKIE_SECRET_DIR = "/run/rabbitmq-cookie"
+DEFINITIONS_DIR = "/etc/rabbitmq/definitions"
+POD_INFO_DIR = "/etc/pod-info"
+
+# Secret keys.
+COOKIE_KEY = ".erlang.cookie"
+USERNAME_KEY = "username"
+PASSWORD_KEY = "password"
+VHOST_KEY = "vhost"
+DEFAULT_USER_CONF_KEY = "default_user.conf"
+USERS_DEFINITIONS_KEY = "users.json"
+# ConfigMap keys.
+CONF_KEY = "rabbitmq.conf"
+PLUGINS_KEY = "enabled_plugins"
+DEFINITIONS_KEY = "definitions.json"
+
+# The Operator's escape hatch: `kubectl label pod <pod> skipPreStopChecks=true`
+# makes the preStop hook return at once (e.g. when the whole cluster is being
+# deleted and no quorum can ever be reached again).
+SKIP_PRESTOP_LABEL = "skipPreStopChecks"
+CONFIG_HASH_ANNOTATION = "celery-cluster/config-hash"
+
+# How long a node may take to finish booting before the startup probe gives up
+# and restarts it. Generous on purpose: after a full stop a node waits for its
+# peers (Mnesia: 10 x 30 s by default), and a restart would only start the wait
+# again. With Parallel pod management all peers are starting at the same time.
+STARTUP_BUDGET_SECONDS = 15 * 60
+STARTUP_PERIOD_SECONDS = 10
+
+# --- small helpers ----------------------------------------------------------------
+
+
+def labels() -> dict[str, str]:
+    return names.app_labels(names.RABBITMQ_APP, COMPONENT)
+
+
+def selector() -> dict[str, str]:
+    return names.selector_labels(names.RABBITMQ_APP)
+
+
+def _metadata(name: str, namespace: str | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "labels": labels()}
+    if namespace is not None:
+        meta["namespace"] = namespace
+    return meta
+
+
+def discovery(config: StackConfig) -> KubernetesDiscovery:
+    rmq = config.rabbitmq
+    return KubernetesDiscovery(HEADLESS_SERVICE, rmq.namespace, rmq.replicas)
+
+
+def pod_fqdn(config: StackConfig, ordinal: int) -> str:
+    ns = config.rabbitmq.namespace
+    return f"{STATEFULSET}-{ordinal}.{HEADLESS_SERVICE}.{ns}.svc.{CLUSTER_DOMAIN}"
+
+
+def broker_urls(config: StackConfig, username: str, password: str) -> list[str]:
+    """One amqp URL per pod DNS name: the failover list the workers use.
+
+    Pod names resolve through the headless Service from any namespace (the
+    workers' too), even before the pod is Ready.
+    """
+    user, secret, vhost = quote(username, safe=""), quote(password, safe=""), quote(VHOST, safe="")
+    return [
+        f"amqp://{user}:{secret}@{pod_fqdn(config, i)}:{AMQP_PORT}/{vhost}"
+        for i in range(config.rabbitmq.replicas)
+    ]
+
+
+def storage_class_name(config: StackConfig) -> str:
+    """pd-ssd / pd-balanced: a class this component creates; anything else exists already."""
+    storage = config.rabbitmq.storage_class
+    return f"rabbitmq-{storage}" if storage in MANAGED_STORAGE_TYPES else storage
+
+
+def manages_storage_class(config: StackConfig) -> bool:
+    return config.rabbitmq.storage_class in MANAGED_STORAGE_TYPES
+
+
+def prestop_timeouts(grace_seconds: int) -> tuple[int, int]:
+    """(await_online_quorum_plus_one, drain) timeouts inside the grace period.
+
+    Whatever is left after both is the time RabbitMQ gets to stop cleanly on
+    SIGTERM before the kubelet's SIGKILL.
+    """
+    stop_reserve = min(60, grace_seconds // 4)
+    drain = min(120, (grace_seconds - stop_reserve) // 3)
+    return grace_seconds - stop_reserve - drain, drain
+
+
+def users_definitions_json(username: str, password: str, vhost: str) -> str:
+    """Definitions that create the application user and its permissions.
+
+    Needed because RabbitMQ does NOT seed ``default_user`` when definitions are
+    imported at boot (``rabbit:maybe_insert_default_data/0`` skips it "have
+    definitions to load"), and the topology definitions are imported at boot. The
+    plain ``password`` is hashed by the node on import; the file lives in the Secret.
+    """
+    document = {
+        "users": [{"name": username, "password": password, "tags": ["management"]}],
+        "vhosts": [{"name": vhost}],
+        "permissions": [
+            {"user": username, "vhost": vhost, "configure": ".*", "write": ".*", "read": ".*"}
+        ],
+    }
+    return json.dumps(document, indent=2) + "\n"
+
+
+# --- one builder per Kubernetes object ------------------------------------------------
+
+
+def namespace(config: StackConfig) -> dict[str, Any]:
+    meta = _metadata(config.rabbitmq.namespace)
+    # Every pod here meets the "restricted" Pod Security Standard; enforce it.
+    meta["labels"] = {
+        **meta["labels"],
+        "pod-security.kubernetes.io/enforce": "restricted",
+        "pod-security.kubernetes.io/enforce-version": "latest",
+    }
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": meta}
+
+
+def storage_class(config: StackConfig) -> dict[str, Any]:
+    """A GCE PD CSI class of the configured disk type (pd-ssd or pd-balanced)."""
+    return {
+        "apiVersion": "storage.k8s.io/v1",
+        "kind": "StorageClass",
+        "metadata": _metadata(storage_class_name(config)),
+        "provisioner": "pd.csi.storage.gke.io",
+        "parameters": {"type": config.rabbitmq.storage_class},
+        # The disk is created in the zone the pod is scheduled to.
+        "volumeBindingMode": "WaitForFirstConsumer",
+        "allowVolumeExpansion": True,
+        # Production: a deleted PVC leaves its disk (and the messages) behind.
+        "reclaimPolicy": "Retain" if config.production else "Delete",
+    }
+
+
+def secret_string_data(config: StackConfig, *, erlang_cookie: str, password: str) -> dict[str, str]:
+    """The Secret's contents, from the generated cookie and password."""
+    return {
+        COOKIE_KEY: erlang_cookie,
+        USERNAME_KEY: APP_USERNAME,
+        PASSWORD_KEY: password,
+        VHOST_KEY: VHOST,
+        DEFAULT_USER_CONF_KEY: default_user_conf(APP_USERNAME, password, VHOST),
+        USERS_DEFINITIONS_KEY: users_definitions_json(APP_USERNAME, password, VHOST),
+        # Comma-separated, as CELERY_BROKER_URLS expects.
+        names.BROKER_URLS_KEY: ",".join(broker_urls(config, APP_USERNAME, password)),
+    }
+
+
+def secret(config: StackConfig, string_data: pulumi.Input[Mapping[str, str]]) -> dict[str, Any]:
+    """Erlang cookie and application credentials (``string_data`` is a secret Output)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _metadata(SECRET, config.rabbitmq.namespace),
+        "type": "Opaque",
+        "stringData": string_data,
+    }
+
+
+def config_map_data(config: StackConfig) -> dict[str, str]:
+    rmq = config.rabbitmq
+    found = discovery(config)
+    return {
+        CONF_KEY: rabbitmq_conf(rmq.version, found, definitions_path=DEFINITIONS_DIR),
+        PLUGINS_KEY: enabled_plugins(found),
+        # Vhost, dead-letter exchange/queue and the quorum-queue delivery-limit
+        # policy: replaces the article's ha-all mirroring policy.
+        DEFINITIONS_KEY: definitions_json(
+            VHOST, delivery_limit=rmq.delivery_limit, version=rmq.version
+        ),
+    }
+
+
+def config_map(config: StackConfig) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(CONFIG_MAP, config.rabbitmq.namespace),
+        "data": config_map_data(config),
+    }
+
+
+def service_account(config: StackConfig) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _metadata(SERVICE_ACCOUNT, config.rabbitmq.namespace),
+    }
+
+
+def role(config: StackConfig) -> dict[str, Any]:
+    """What rabbitmq_peer_discovery_k8s needs (before 4.1; 4.1+ makes no API calls)."""
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": _metadata(ROLE, config.rabbitmq.namespace),
+        "rules": [
+            # The plugin GETs the Endpoints of the headless Service, nothing else.
+            {
+                "apiGroups": [""],
+                "resources": ["endpoints"],
+                "resourceNames": [HEADLESS_SERVICE],
+                "verbs": ["get"],
+            },
+            {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+        ],
+    }
+
+
+def role_binding(config: StackConfig) -> dict[str, Any]:
+    ns = config.rabbitmq.namespace
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": _metadata(ROLE, ns),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": ROLE},
+        "subjects": [{"kind": "ServiceAccount", "name": SERVICE_ACCOUNT, "namespace": ns}],
+    }
+
+
+def headless_service(config: StackConfig) -> dict[str, Any]:
+    """Stable DNS for every pod: rabbitmq-server-N.<headless>.<ns>.svc."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(HEADLESS_SERVICE, config.rabbitmq.namespace),
+        "spec": {
+            "clusterIP": "None",
+            # Peers must resolve each other while booting, i.e. before Ready.
+            "publishNotReadyAddresses": True,
+            "selector": selector(),
+            "ports": [
+                {"name": "epmd", "port": EPMD_PORT, "targetPort": EPMD_PORT, "protocol": "TCP"},
+                {
+                    "name": "cluster-links",
+                    "port": DIST_PORT,
+                    "targetPort": DIST_PORT,
+                    "protocol": "TCP",
+                },
+            ],
+        },
+    }
+
+
+def client_service(config: StackConfig) -> dict[str, Any]:
+    """In-cluster only (ClusterIP): the UI is reached with `kubectl port-forward`."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(CLIENT_SERVICE, config.rabbitmq.namespace),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector(),
+            "ports": [
+                {
+                    "name": "amqp",
+                    "port": AMQP_PORT,
+                    "targetPort": "amqp",
+                    "protocol": "TCP",
+                    "appProtocol": "amqp",
+                },
+                {
+                    "name": "management",
+                    "port": MANAGEMENT_PORT,
+                    "targetPort": "management",
+                    "protocol": "TCP",
+                    "appProtocol": "http",
+                },
+                {
+                    "name": "prometheus",
+                    "port": PROMETHEUS_PORT,
+                    "targetPort": "prometheus",
+                    "protocol": "TCP",
+                    "appProtocol": "prometheus.io/metrics",
+                },
+            ],
+        },
+    }
+
+
+def _anti_affinity(config: StackConfig) -> dict[str, Any]:
+    term = {"labelSelector": {"matchLabels": selector()}, "topologyKey": "kubernetes.io/hostname"}
+    if config.rabbitmq.anti_affinity == "required":
+        # Never two nodes of the cluster on one machine: losing a VM loses one node.
+        return {"requiredDuringSchedulingIgnoredDuringExecution": [term]}
+    return {
+        "preferredDuringSchedulingIgnoredDuringExecution": [
+            {"weight": 100, "podAffinityTerm": term}
+        ]
+    }
+
+
+_CONTAINER_SECURITY = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+}
+
+
+def _setup_container(config: StackConfig) -> dict[str, Any]:
+    """Copies the cookie from the Secret to $HOME with mode 600, as uid 999.
+
+    Erlang refuses a cookie file readable by group or others, and a Secret volume
+    cannot provide one: with fsGroup the kubelet adds group read (0440). So the
+    file is copied into an emptyDir, owned by the rabbitmq user (no root, no
+    CHOWN capability needed). RABBITMQ_ERLANG_COOKIE is deprecated.
+    """
+    return {
+        "name": "setup-erlang-cookie",
+        "image": config.rabbitmq.image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": [
+            "/bin/sh",
+            "-c",
+            f"umask 077 && cp {COOKIE_SECRET_DIR}/{COOKIE_KEY} {COOKIE_FILE}"
+            f" && chmod 600 {COOKIE_FILE}",
+        ],
+        "resources": {
+            "requests": {"cpu": "10m", "memory": "32Mi"},
+            "limits": {"cpu": "100m", "memory": "64Mi"},
+        },
+        "securityContext": dict(_CONTAINER_SECURITY),
+        "volumeMounts": [
+            {"name": "erlang-cookie-secret", "mountPath": COOKIE_SECRET_DIR, "readOnly": True},
+            {"name": "rabbitmq-home", "mountPath": HOME_DIR},
+        ],
+    }
+
+
+def _prestop_command(config: StackConfig) -> list[str]:
+    await_seconds, drain_seconds = prestop_timeouts(config.rabbitmq.termination_grace_seconds)
+    script = (
+        f'if [ -n "$(cat {POD_INFO_DIR}/{SKIP_PRESTOP_LABEL} 2>/dev/null)" ]; then exit 0; fi; '
+        # Wait until every quorum queue keeps a majority without this node...
+        f"rabbitmq-upgrade await_online_quorum_plus_one -t {await_seconds}; "
+        # ...then close client connections (workers fail over to the next URL)
+        # and hand quorum-queue leadership to the peers. A successful boot takes
+        # the node out of maintenance mode again.
+        f"rabbitmq-upgrade drain -t {drain_seconds}"
+    )
+    return ["/bin/sh", "-c", script]
+
+
+def _rabbitmq_container(config: StackConfig) -> dict[str, Any]:
+    rmq = config.rabbitmq
+    container: dict[str, Any] = {
+        "name": "rabbitmq",
+        "image": rmq.image,
+        "imagePullPolicy": "IfNotPresent",
+        "env": [
+            {
+                "name": "MY_POD_NAME",
+                "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.name"}},
+            },
+            {
+                "name": "MY_POD_NAMESPACE",
+                "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}},
+            },
+            {"name": "K8S_SERVICE_NAME", "value": HEADLESS_SERVICE},
+            {"name": "RABBITMQ_USE_LONGNAME", "value": "true"},
+            {
+                "name": "RABBITMQ_NODENAME",
+                "value": "rabbit@$(MY_POD_NAME).$(K8S_SERVICE_NAME).$(MY_POD_NAMESPACE)",
+            },
+            # Read by the peer discovery plugin before 4.1 (node name = endpoint hostname + suffix).
+            {"name": "K8S_HOSTNAME_SUFFIX", "value": ".$(K8S_SERVICE_NAME).$(MY_POD_NAMESPACE)"},
+        ],
+        "ports": [
+            {"name": "epmd", "containerPort": EPMD_PORT, "protocol": "TCP"},
+            {"name": "amqp", "containerPort": AMQP_PORT, "protocol": "TCP"},
+            {"name": "management", "containerPort": MANAGEMENT_PORT, "protocol": "TCP"},
+            {"name": "prometheus", "containerPort": PROMETHEUS_PORT, "protocol": "TCP"},
+            {"name": "cluster-links", "containerPort": DIST_PORT, "protocol": "TCP"},
+        ],
+        "resources": rmq.resources.to_kubernetes(),
+        # Ready = accepts AMQP connections: only then does the client Service route to it.
+        "readinessProbe": {
+            "tcpSocket": {"port": "amqp"},
+            "initialDelaySeconds": 10,
+            "periodSeconds": 10,
+            "timeoutSeconds": 5,
+            "failureThreshold": 3,
+            "successThreshold": 1,
+        },
+        # Not node_health_check (a no-op since 3.13): every listener accepts TCP,
+        # i.e. the node has finished booting. The budget is long so a node waiting
+        # for its peers after a full stop is never killed into a restart loop.
+        "startupProbe": {
+            "exec": {"command": ["rabbitmq-diagnostics", "-q", "check_port_connectivity"]},
+            "periodSeconds": STARTUP_PERIOD_SECONDS,
+            "timeoutSeconds": 10,
+            "failureThreshold": STARTUP_BUDGET_SECONDS // STARTUP_PERIOD_SECONDS,
+            "successThreshold": 1,
+        },
+        # No livenessProbe, on purpose (as the Cluster Operator): a node that is
+        # paused by pause_minority, blocked by a memory/disk alarm or waiting for
+        # peers fails any health check by design, and killing it makes a partition
+        # or an overload worse. The Erlang VM exits on fatal errors by itself and
+        # the kubelet restarts an exited container.
+        "securityContext": dict(_CONTAINER_SECURITY),
+        "volumeMounts": [
+            # Writable paths under a read-only root filesystem: $HOME (cookie, CLI
+            # state), the data volume below it, logs/crash dumps, /tmp.
+            {"name": "rabbitmq-home", "mountPath": HOME_DIR},
+            {"name": "persistence", "mountPath": DATA_DIR},
+            {"name": "rabbitmq-logs", "mountPath": "/var/log/rabbitmq"},
+            {"name": "tmp", "mountPath": "/tmp"},
+            # Single files, so the image's own conf.d/10-defaults.conf stays, and
+            # the definitions directory holds exactly the two JSON documents (a
+            # whole-volume mount would add the kubelet's ..data entries to it).
+            {
+                "name": "server-conf",
+                "mountPath": "/etc/rabbitmq/rabbitmq.conf",
+                "subPath": CONF_KEY,
+                "readOnly": True,
+            },
+            {
+                "name": "server-conf",
+                "mountPath": "/etc/rabbitmq/enabled_plugins",
+                "subPath": PLUGINS_KEY,
+                "readOnly": True,
+            },
+            {
+                "name": "server-conf",
+                "mountPath": f"{DEFINITIONS_DIR}/10-topology.json",
+                "subPath": DEFINITIONS_KEY,
+                "readOnly": True,
+            },
+            {
+                "name": "credentials",
+                "mountPath": f"/etc/rabbitmq/conf.d/{DEFAULT_USER_CONF_KEY}",
+                "subPath": DEFAULT_USER_CONF_KEY,
+                "readOnly": True,
+            },
+            {
+                "name": "credentials",
+                "mountPath": f"{DEFINITIONS_DIR}/20-users.json",
+                "subPath": USERS_DEFINITIONS_KEY,
+                "readOnly": True,
+            },
+            {"name": "pod-info", "mountPath": POD_INFO_DIR, "readOnly": True},
+        ],
+    }
+    if rmq.replicas >= 3:
+        # A quorum needs a majority of the other nodes: with fewer than three
+        # nodes the hook could only wait for its whole timeout.
+        container["lifecycle"] = {"preStop": {"exec": {"command": _prestop_command(config)}}}
+    return container
+
+
+def _volumes() -> list[dict[str, Any]]:
+    # 0440: with fsGroup 999 the kubelet makes Secret files group-readable anyway.
+    secret_mode = 0o440
+    return [
+        {"name": "rabbitmq-home", "emptyDir": {}},
+        {"name": "rabbitmq-logs", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "server-conf", "configMap": {"name": CONFIG_MAP}},
+        {
+            "name": "credentials",
+            "secret": {
+                "secretName": SECRET,
+                "defaultMode": secret_mode,
+                "items": [
+                    {"key": DEFAULT_USER_CONF_KEY, "path": DEFAULT_USER_CONF_KEY},
+                    {"key": USERS_DEFINITIONS_KEY, "path": USERS_DEFINITIONS_KEY},
+                ],
+            },
+        },
+        {
+            "name": "erlang-cookie-secret",
+            "secret": {
+                "secretName": SECRET,
+                "defaultMode": secret_mode,
+                "items": [{"key": COOKIE_KEY, "path": COOKIE_KEY}],
+            },
+        },
+        {
+            "name": "pod-info",
+            "downwardAPI": {
+                "items": [
+                    {
+                        "path": SKIP_PRESTOP_LABEL,
+                        "fieldRef": {"fieldPath": f"metadata.labels['{SKIP_PRESTOP_LABEL}']"},
+                    }
+                ]
+            },
+        },
+    ]
+
+
+def config_hash(config: StackConfig) -> str:
+    """Changes with the rendered configuration, so a change rolls the pods one by one."""
+    data = json.dumps(config_map_data(config), sort_keys=True).encode()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def stateful_set(config: StackConfig) -> dict[str, Any]:
+    rmq = config.rabbitmq
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": _metadata(STATEFULSET, rmq.namespace),
+        "spec": {
+            "replicas": rmq.replicas,
+            "selector": {"matchLabels": selector()},
+            "serviceName": HEADLESS_SERVICE,
+            # Start/stop all pods at once (OrderedReady can deadlock a full
+            # restart); rolling updates still replace one pod at a time.
+            "podManagementPolicy": "Parallel",
+            "updateStrategy": {"type": "RollingUpdate"},
+            "persistentVolumeClaimRetentionPolicy": {
+                "whenDeleted": rmq.pvc_retention,
+                "whenScaled": "Retain",
+            },
+            "template": {
+                "metadata": {
+                    "labels": {**labels(), **selector()},
+                    "annotations": {
+                        CONFIG_HASH_ANNOTATION: config_hash(config),
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": str(PROMETHEUS_PORT),
+                    },
+                },
+                "spec": {
+                    "serviceAccountName": SERVICE_ACCOUNT,
+                    # Peer discovery before 4.1 reads the token to call the API (with
+                    # a hard match: a missing token file crashes the boot). 4.1+
+                    # should not need it; kept mounted as the Operator does.
+                    "automountServiceAccountToken": True,
+                    "terminationGracePeriodSeconds": rmq.termination_grace_seconds,
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "runAsUser": RABBITMQ_UID,
+                        "runAsGroup": RABBITMQ_UID,
+                        "fsGroup": RABBITMQ_UID,
+                        "fsGroupChangePolicy": "OnRootMismatch",
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    "affinity": {"podAntiAffinity": _anti_affinity(config)},
+                    "topologySpreadConstraints": [
+                        {
+                            "maxSkew": 1,
+                            "topologyKey": "topology.kubernetes.io/zone",
+                            "whenUnsatisfiable": "ScheduleAnyway",
+                            "labelSelector": {"matchLabels": selector()},
+                        }
+                    ],
+                    "initContainers": [_setup_container(config)],
+                    "containers": [_rabbitmq_container(config)],
+                    "volumes": _volumes(),
+                },
+            },
+            "volumeClaimTemplates": [
+                {
+                    "apiVersion": "v1",
+                    "kind": "PersistentVolumeClaim",
+                    "metadata": {"name": "persistence", "labels": selector()},
+                    "spec": {
+                        "accessModes": ["ReadWriteOnce"],
+                        "storageClassName": storage_class_name(config),
+                        "resources": {"requests": {"storage": rmq.storage_size}},
+                    },
+                }
+            ],
+        },
+    }
+
+
+def pod_disruption_budget(config: StackConfig) -> dict[str, Any]:
+    """Drains and upgrades take down one node at a time: a majority stays up."""
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _metadata(PDB, config.rabbitmq.namespace),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector()}},
+    }
+
+
+def _tcp(port: int, end_port: int | None = None) -> dict[str, Any]:
+    rule: dict[str, Any] = {"protocol": "TCP", "port": port}
+    if end_port is not None:
+        rule["endPort"] = end_port
+    return rule
+
+
+def network_policy(config: StackConfig) -> dict[str, Any]:
+    """Who may talk to the RabbitMQ pods (ingress only; egress is left open).
+
+    Not listed because NetworkPolicy never applies to them: kubelet probes and
+    ``kubectl port-forward`` (traffic from the pod's own node is always allowed,
+    port-forward connects to localhost inside the pod's network namespace), and a
+    pod reaching itself. The peer rule still includes the pods themselves on
+    5672/15672/15692 so the CLI health checks (check_port_connectivity connects to
+    the node's own hostname) work even on a dataplane that filtered hairpin traffic.
+    """
+    peers = {"podSelector": {"matchLabels": selector()}}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(NETWORK_POLICY, config.rabbitmq.namespace),
+        "spec": {
+            "podSelector": {"matchLabels": selector()},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {
+                    # AMQP: only pods that declare themselves clients, in the workers' namespace.
+                    "from": [
+                        {
+                            "namespaceSelector": {
+                                "matchLabels": {
+                                    "kubernetes.io/metadata.name": config.workers.namespace
+                                }
+                            },
+                            "podSelector": {"matchLabels": {names.AMQP_CLIENT_LABEL: "true"}},
+                        }
+                    ],
+                    "ports": [_tcp(AMQP_PORT)],
+                },
+                {
+                    # Clustering (epmd, distribution), CLI tools and checks: RabbitMQ pods only.
+                    "from": [peers],
+                    "ports": [
+                        _tcp(EPMD_PORT),
+                        _tcp(DIST_PORT),
+                        _tcp(*CLI_DIST_PORTS),
+                        _tcp(AMQP_PORT),
+                        _tcp(MANAGEMENT_PORT),
+                        _tcp(PROMETHEUS_PORT),
+                    ],
+                },
+                {
+                    # Metrics: any pod in any namespace may scrape.
+                    "from": [{"namespaceSelector": {}}],
+                    "ports": [_tcp(PROMETHEUS_PORT)],
+                },
+            ],
+        },
+    }
+
+
+# --- registration ---------------------------------------------------------------------
+
+_KINDS: dict[tuple[str, str], Callable[..., pulumi.CustomResource]] = {
+    ("v1", "Namespace"): k8s.core.v1.Namespace,
+    ("v1", "Secret"): k8s.core.v1.Secret,
+    ("v1", "ConfigMap"): k8s.core.v1.ConfigMap,
+    ("v1", "ServiceAccount"): k8s.core.v1.ServiceAccount,
+    ("v1", "Service"): k8s.core.v1.Service,
+    ("rbac.authorization.k8s.io/v1", "Role"): k8s.rbac.v1.Role,
+    ("rbac.authorization.k8s.io/v1", "RoleBinding"): k8s.rbac.v1.RoleBinding,
+    ("storage.k8s.io/v1", "StorageClass"): k8s.storage.v1.StorageClass,
+    ("apps/v1", "StatefulSet"): k8s.apps.v1.StatefulSet,
+    ("policy/v1", "PodDisruptionBudget"): k8s.policy.v1.PodDisruptionBudget,
+    ("networking.k8s.io/v1", "NetworkPolicy"): k8s.networking.v1.NetworkPolicy,
+}
+
+
+def _snake(key: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", key).lower()
+
+
+def register(
+    name: str, manifest: Mapping[str, Any], opts: pulumi.ResourceOptions
+) -> pulumi.CustomResource:
+    """Register a manifest with its typed class; the dict parts pass through as is."""
+    cls = _KINDS[(manifest["apiVersion"], manifest["kind"])]
+    args = {_snake(k): v for k, v in manifest.items() if k not in ("apiVersion", "kind")}
+    return cls(name, opts=opts, **args)
+
+
+def _stateful_set_timeouts(config: StackConfig) -> pulumi.CustomTimeouts:
+    # A rolling update replaces the pods one by one; each may drain for its
+    # whole grace period and then boot for up to the startup budget.
+    rmq = config.rabbitmq
+    per_pod = rmq.termination_grace_seconds + STARTUP_BUDGET_SECONDS
+    update_minutes = -(-rmq.replicas * per_pod // 60) + 5
+    return pulumi.CustomTimeouts(create="30m", update=f"{update_minutes}m")
+
+
+class RabbitmqCluster(pulumi.ComponentResource):
+    """The RabbitMQ StatefulSet and everything it needs, in its own namespace."""
+
+    namespace: str
+    broker_urls: pulumi.Output[list[str]]
+    username: pulumi.Output[str]
+    password: pulumi.Output[str]
+
+    def __init__(
+        self,
+        name: str,
+        config: StackConfig,
+        provider: k8s.Provider,
+        opts: pulumi.ResourceOptions | None = None,
+    ) -> None:
+        super().__init__("celerycluster:rabbitmq:RabbitmqCluster", name, {}, opts)
+        rmq = config.rabbitmq
+        self.namespace = rmq.namespace
+
+        # Generated once and kept in the state (secret): never a literal.
+        own = pulumi.ResourceOptions(parent=self)
+        cookie = random.RandomPassword(f"{name}-erlang-cookie", length=48, special=False, opts=own)
+        app_password = random.RandomPassword(
+            f"{name}-app-password", length=32, special=False, opts=own
+        )
+        self.username = pulumi.Output.secret(APP_USERNAME)
+        self.password = pulumi.Output.secret(app_password.result)
+        self.broker_urls = pulumi.Output.secret(
+            app_password.result.apply(lambda p: broker_urls(config, APP_USERNAME, p))
+        )
+
+        child = pulumi.ResourceOptions(parent=self, provider=provider)
+        ns = register(f"{name}-namespace", namespace(config), child)
+        in_ns = pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(depends_on=[ns]))
+
+        dependencies: list[pulumi.Resource] = []
+        if manages_storage_class(config):
+            dependencies.append(
+                register(
+                    f"{name}-storage-class",
+                    storage_class(config),
+                    pulumi.ResourceOptions.merge(
+                        child, pulumi.ResourceOptions(protect=config.protect)
+                    ),
+                )
+            )
+
+        string_data: pulumi.Output[dict[str, str]] = pulumi.Output.all(
+            cookie.result, app_password.result
+        ).apply(lambda v: secret_string_data(config, erlang_cookie=v[0], password=v[1]))
+        dependencies += [
+            register(
+                f"{name}-credentials", secret(config, pulumi.Output.secret(string_data)), in_ns
+            ),
+            register(f"{name}-config", config_map(config), in_ns),
+            register(f"{name}-service-account", service_account(config), in_ns),
+            register(f"{name}-role", role(config), in_ns),
+            register(f"{name}-role-binding", role_binding(config), in_ns),
+            register(f"{name}-headless", headless_service(config), in_ns),
+        ]
+        register(f"{name}-client", client_service(config), in_ns)
+        register(f"{name}-pdb", pod_disruption_budget(config), in_ns)
+        register(f"{name}-network-policy", network_policy(config), in_ns)
+        # The data lives here (and in the PVCs it creates): protected in production.
+        register(
+            f"{name}-server",
+            stateful_set(config),
+            pulumi.ResourceOptions.merge(
+                in_ns,
+                pulumi.ResourceOptions(
+                    depends_on=dependencies,
+                    protect=config.protect,
+                    custom_timeouts=_stateful_set_timeouts(config),
+                ),
+            ),
+        )
+
+        self.register_outputs(
+            {
+                "namespace": self.namespace,
+                "broker_urls": self.broker_urls,
+                "username": self.username,
+                "password": self.password,
+            }
+        )
