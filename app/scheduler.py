@@ -46,12 +46,21 @@ MAX_CONSECUTIVE_FAILURES = 10
     help="Append the id of every confirmed task to this file, one per line.",
 )
 @click.option(
+    "--rate",
+    type=click.FloatRange(min=0.0),
+    default=0.0,
+    show_default=True,
+    help="Publish at most this many tasks per second (0: as fast as confirms allow).",
+)
+@click.option(
     "--progress/--no-progress",
     default=True,
     show_default=True,
     help="Show a progress bar on stderr.",
 )
-def main(n_tasks: int, task_seconds: float, ids_file: str | None, progress: bool) -> None:
+def main(
+    n_tasks: int, task_seconds: float, ids_file: str | None, rate: float, progress: bool
+) -> None:
     """Enqueue N count tasks with publisher confirms and report the rate."""
     # Imported here so that --help works without CELERY_BROKER_URLS.
     from app.celery import app
@@ -72,7 +81,12 @@ def main(n_tasks: int, task_seconds: float, ids_file: str | None, progress: bool
                 show_pos=True,
             ) as bar,
         ):
-            for _ in bar:
+            for i in bar:
+                if rate > 0:
+                    # Pace against the start time, so slow publishes are caught up.
+                    ahead = started + i / rate - time.monotonic()
+                    if ahead > 0:
+                        time.sleep(ahead)
                 task_id = str(uuid.uuid4())
                 try:
                     count.apply_async(

@@ -278,6 +278,11 @@ def celery_config(settings: WorkerSettings) -> dict[str, Any]:
         # (Celery only logs "Failed to cancel"), so there it stays off and the
         # orphan finishes its run; its duplicate is the at-least-once price.
         "worker_cancel_long_running_tasks_on_connection_loss": settings.pool == "prefork",
+        # Celery's consumer, except that native delayed delivery is set up through
+        # the node the worker is connected to instead of through every URL: the
+        # stock step stalls consuming after a failover while it retries the dead
+        # node (see app/bootsteps.py).
+        "worker_consumer": "app.bootsteps:ClusterConsumer",
         # --- Pool. ---------------------------------------------------------------
         "worker_pool": settings.pool,
         "worker_concurrency": settings.concurrency,

@@ -326,3 +326,63 @@ def test_sanitize_url() -> None:
     assert sanitize_url("amqp://u:p%40ss@h:5672/v") == "amqp://u:**@h:5672/v"
     assert sanitize_url("amqp://u:p/ss@h:bad/v") == "amqp://u:**@h:bad/v"
     assert sanitize_url("amqp://h:5672/v") == "amqp://h:5672/v"
+
+
+# --- consumer bootstep: delayed delivery through the connected node ------------------
+
+
+def test_cluster_consumer_replaces_only_the_delayed_delivery_step() -> None:
+    from celery.worker.consumer import Consumer
+
+    from app.bootsteps import _OUR_STEP, _STOCK_STEP, ClusterConsumer
+
+    stock = Consumer.Blueprint.default_steps
+    assert _STOCK_STEP in stock, "Celery renamed the step: the replacement would be a no-op"
+    ours = ClusterConsumer.Blueprint.default_steps
+    assert _STOCK_STEP not in ours
+    assert ours == [_OUR_STEP if s == _STOCK_STEP else s for s in stock]
+    assert config()["worker_consumer"] == "app.bootsteps:ClusterConsumer"
+
+
+def test_connected_first() -> None:
+    from app.bootsteps import connected_first
+
+    urls = ["amqp://u:p@h0:5672/v", "amqp://u:p@h1:5673/v", "amqp://u:p@h2:5674/v"]
+    assert connected_first(urls, "h1", 5673) == [urls[1], urls[0], urls[2]]
+    assert connected_first(urls, "H2", 5674)[0] == urls[2]
+    assert connected_first(urls, "elsewhere", 1) == urls
+
+
+def test_cluster_delayed_delivery_uses_the_connected_node_then_falls_back() -> None:
+    from types import SimpleNamespace
+
+    from celery import Celery
+
+    from app.bootsteps import ClusterDelayedDelivery
+
+    app = Celery("dd-test")
+    app.conf.update(config())
+    urls = app.conf.broker_url
+    calls: list[str] = []
+    fail: set[str] = set()
+
+    class Step(ClusterDelayedDelivery):
+        def __init__(self) -> None:  # no blueprint needed
+            pass
+
+        def _setup_delayed_delivery(self, c: object, broker_url: str) -> None:
+            calls.append(broker_url)
+            if broker_url in fail:
+                raise ValueError("declare failed")
+
+    connected = SimpleNamespace(hostname="rmq-2.rmq.celery.svc", port=5672)
+    c = SimpleNamespace(app=app, connection=connected)
+    Step().start(c)
+    assert calls == [URLS[2]], "only the node we are connected to"
+
+    calls.clear()
+    fail.add(URLS[2])
+    Step().start(c)
+    assert calls[0] == URLS[2]
+    assert calls[1] in urls and calls[1] != URLS[2]
+    assert len(calls) == 2

@@ -1,0 +1,311 @@
+"""Start, stop and kill real Celery worker processes (and the scheduler) for tests.
+
+Every worker is ``celery -A app.celery worker --pool threads ...`` run as a
+subprocess in its own session (``start_new_session=True``), so its whole
+process group can be signalled; every process carries a per-``Workers``
+marker in its environment so stragglers can be found and killed.
+``Workers.close()`` kills everything it started and verifies nothing survived;
+use it as a context manager (or from a fixture's teardown), pass or fail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CELERY_BIN = Path(sys.executable).with_name("celery")
+MARKER_ENV = "CELERY_TEST_WORKERS_ID"
+
+
+def _marked_pids(marker: str) -> set[int]:
+    """Live processes whose environment carries ``MARKER_ENV=marker``."""
+    needle = f"{MARKER_ENV}={marker}".encode()
+    found: set[int] = set()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = Path(entry.path, "environ").read_bytes()
+            state = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        if state[state.rindex(")") + 2 :].startswith(("Z", "X")):
+            continue  # already dead (zombie awaiting its parent)
+        if needle in environ.split(b"\0"):
+            found.add(int(entry.name))
+    return found
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return f"(no {path})"
+
+
+@dataclass
+class WorkerProc:
+    """One worker process."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    started_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def nodename_prefix(self) -> str:
+        """Prefix of ``task.request.hostname`` (``name@host``) in the ledger."""
+        return f"{self.name}@"
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log(self, lines: int = 60) -> str:
+        return _tail(self.log_path, lines)
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        """Until the worker logs ``<name>@<host> ready.`` (consuming)."""
+        deadline = time.monotonic() + timeout
+        needle = f"{self.name}@"
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(
+                    f"worker {self.name} exited with {self.proc.returncode} before ready:\n"
+                    + self.log()
+                )
+            try:
+                text = self.log_path.read_text(errors="replace")
+            except OSError:
+                text = ""
+            if any(needle in line and " ready." in line for line in text.splitlines()):
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"worker {self.name} not ready after {timeout:.0f} s:\n{self.log()}")
+
+    def signal_group(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, sig)
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group (a machine dying), and reap it."""
+        self.signal_group(signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=10)
+
+    def terminate(self) -> None:
+        """SIGTERM: Celery's warm shutdown (what Kubernetes sends first)."""
+        self.signal_group(signal.SIGTERM)
+
+    def wait(self, timeout: float) -> int:
+        return self.proc.wait(timeout=timeout)
+
+
+@dataclass
+class SchedulerProc:
+    """A running ``python -m app.scheduler``."""
+
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    ids_file: Path
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def published_ids(self) -> list[str]:
+        if not self.ids_file.exists():
+            return []
+        return [x for x in self.ids_file.read_text().splitlines() if x.strip()]
+
+
+class Workers:
+    """Worker processes sharing one broker list, queue and ledger."""
+
+    def __init__(
+        self,
+        broker_urls: Sequence[str],
+        queue: str,
+        ledger: Path,
+        workdir: Path,
+        *,
+        concurrency: int = 4,
+        step_seconds: float = 0.01,
+        pool: str = "threads",
+        heartbeat: int = 10,
+    ) -> None:
+        self.broker_urls = list(broker_urls)
+        self.queue = queue
+        self.ledger = Path(ledger)
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.concurrency = concurrency
+        self.step_seconds = step_seconds
+        self.pool = pool
+        self.heartbeat = heartbeat
+        self.marker = uuid.uuid4().hex
+        self.procs: list[WorkerProc] = []
+        self._schedulers: list[SchedulerProc] = []
+
+    def env(self, rotation: int | None = None) -> dict[str, str]:
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("CELERY_", "TASK_LEDGER", "COUNT_STEP"))
+        }
+        env.update(
+            {
+                MARKER_ENV: self.marker,
+                "PYTHONPATH": str(REPO_ROOT),
+                "PYTHONUNBUFFERED": "1",
+                "CELERY_BROKER_URLS": ",".join(self.broker_urls),
+                "CELERY_QUEUE": self.queue,
+                "CELERY_POOL": self.pool,
+                "CELERY_CONCURRENCY": str(self.concurrency),
+                "CELERY_BROKER_HEARTBEAT": str(self.heartbeat),
+                "COUNT_STEP_SECONDS": repr(self.step_seconds),
+                "TASK_LEDGER": str(self.ledger),
+            }
+        )
+        if rotation is not None:
+            env["CELERY_BROKER_ROTATION"] = str(rotation)
+        return env
+
+    def start(self, name: str, rotation: int | None = None) -> WorkerProc:
+        """Start one worker named ``name`` (nodename ``name@host``); not yet ready."""
+        log_path = self.workdir / f"{name}.log"
+        cmd = [
+            str(CELERY_BIN),
+            "-A",
+            "app.celery",
+            "worker",
+            "--pool",
+            self.pool,
+            "--concurrency",
+            str(self.concurrency),
+            "-n",
+            f"{name}@%h",
+            "--loglevel=INFO",
+            # Startup speed: no neighbour sync, no gossip (not needed for tasks).
+            "--without-mingle",
+            "--without-gossip",
+        ]
+        with open(log_path, "ab") as out:
+            proc = subprocess.Popen(
+                cmd,
+                cwd=REPO_ROOT,
+                env=self.env(rotation),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        worker = WorkerProc(name, proc, log_path)
+        self.procs.append(worker)
+        return worker
+
+    def start_many(self, names: Sequence[str], timeout: float = 60) -> list[WorkerProc]:
+        """Start workers with rotations 0, 1, 2, ... in parallel; wait until all ready."""
+        started = [self.start(n, rotation=i) for i, n in enumerate(names)]
+        for w in started:
+            w.wait_ready(timeout)
+        return started
+
+    def scheduler(
+        self,
+        n_tasks: int,
+        ids_file: Path,
+        *,
+        step_seconds: float | None = None,
+        rotation: int | None = 0,
+        rate: float = 0.0,
+    ) -> SchedulerProc:
+        """Start ``python -m app.scheduler`` (not waited for); output in workdir."""
+        out_path = self.workdir / f"scheduler-{len(self._schedulers)}.log"
+        cmd = [
+            sys.executable,
+            "-m",
+            "app.scheduler",
+            "--tasks",
+            str(n_tasks),
+            "--task-seconds",
+            repr(self.step_seconds if step_seconds is None else step_seconds),
+            "--ids-file",
+            str(ids_file),
+            "--rate",
+            repr(rate),
+            "--no-progress",
+        ]
+        with open(out_path, "ab") as out:
+            proc = subprocess.Popen(
+                cmd,
+                cwd=REPO_ROOT,
+                env=self.env(rotation),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        sched = SchedulerProc(proc, out_path, Path(ids_file))
+        self._schedulers.append(sched)
+        return sched
+
+    def publish(self, n_tasks: int, ids_file: Path, timeout: float = 120) -> str:
+        """Run the scheduler to completion; return its output; raise if it failed."""
+        sched = self.scheduler(n_tasks, ids_file)
+        try:
+            code = sched.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(sched.proc.pid, signal.SIGKILL)
+            raise
+        if code != 0:
+            raise RuntimeError(f"scheduler exited with {code}:\n{sched.output()}")
+        return sched.output()
+
+    def leftover_pids(self) -> set[int]:
+        return _marked_pids(self.marker)
+
+    def close(self) -> None:
+        """SIGKILL every process group started here; verify none survives."""
+        procs = [w.proc for w in self.procs] + [s.proc for s in self._schedulers]
+        for proc in procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+        for proc in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        left = self.leftover_pids()
+        while left and time.monotonic() < deadline:
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.1)
+            left = self.leftover_pids()
+        if left:
+            raise RuntimeError(f"worker processes survived close(): {sorted(left)}")
+
+    def __enter__(self) -> Workers:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
