@@ -1,5 +1,13 @@
 """Worker consumer tuned for ONE RabbitMQ cluster behind a failover URL list.
 
+Two changes to Celery's stock consumer (``worker_consumer`` in app/settings.py):
+
+1. Native delayed delivery is set up through the connected node only.
+2. A liveness heartbeat file is touched (see :mod:`app.liveness`).
+
+1. Delayed delivery
+-------------------
+
 Celery 5.7's ``DelayedDelivery`` consumer bootstep (native delayed delivery,
 used for ETA/countdown/retry on quorum queues) declares its exchanges, queues
 and bindings through EVERY URL of ``broker_url``, with retries, every time the
@@ -13,6 +21,13 @@ each attempt waits broker_connection_timeout).
 
 ``ClusterDelayedDelivery`` declares the same topology through the node the
 consumer is connected to, falling back to the other URLs only if that fails.
+
+2. Liveness
+-----------
+``LivenessHeartbeat`` touches the heartbeat file from the consumer's timer (it
+runs in the event loop: a wedged loop stops touching), and ``ClusterConsumer``
+also touches it about every second while it retries a broker connection, so a
+broker outage does not look like a dead worker.
 """
 
 from __future__ import annotations
@@ -20,6 +35,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
+from celery import bootsteps
 from celery.utils.log import get_logger
 from celery.worker.consumer import Consumer
 from celery.worker.consumer.delayed_delivery import (
@@ -31,10 +47,13 @@ from celery.worker.consumer.delayed_delivery import (
 from kombu.utils.functional import retry_over_time
 from kombu.utils.url import maybe_sanitize_url, parse_url
 
+from app.liveness import TOUCH_INTERVAL_SECONDS, liveness_file, touch
+
 logger = get_logger(__name__)
 
 _STOCK_STEP = "celery.worker.consumer.delayed_delivery:DelayedDelivery"
 _OUR_STEP = "app.bootsteps:ClusterDelayedDelivery"
+_LIVENESS_STEP = "app.bootsteps:LivenessHeartbeat"
 
 
 def _host_port(hostname: str | None, port: int | None) -> tuple[str, int]:
@@ -91,10 +110,58 @@ class ClusterDelayedDelivery(DelayedDelivery):
         )
 
 
+class LivenessHeartbeat(bootsteps.StartStopStep):
+    """Consumer bootstep: touch the liveness file from the consumer's timer."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.tref: Any = None
+        self.path = liveness_file()
+
+    def start(self, c: Any) -> None:
+        touch(self.path)
+        self.tref = c.timer.call_repeatedly(TOUCH_INTERVAL_SECONDS, touch, (self.path,))
+
+    def stop(self, c: Any) -> None:
+        if self.tref is not None:
+            self.tref.cancel()
+            self.tref = None
+
+    def shutdown(self, c: Any) -> None:
+        self.stop(c)
+
+
 class ClusterConsumer(Consumer):
-    """Celery's consumer with :class:`ClusterDelayedDelivery` in place of the stock step."""
+    """Celery's consumer: :class:`ClusterDelayedDelivery` instead of the stock step,
+    plus :class:`LivenessHeartbeat`, and a heartbeat while reconnecting."""
 
     class Blueprint(Consumer.Blueprint):
         default_steps: ClassVar[list[str]] = [
-            _OUR_STEP if step == _STOCK_STEP else step for step in Consumer.Blueprint.default_steps
+            *(
+                _OUR_STEP if step == _STOCK_STEP else step
+                for step in Consumer.Blueprint.default_steps
+            ),
+            _LIVENESS_STEP,
         ]
+
+    def ensure_connected(self, conn: Any) -> Any:
+        # kombu calls ``callback`` about once a second while it retries: touch the
+        # liveness file there too (a worker waiting for the broker is not wedged).
+        ensure_connection = conn.ensure_connection
+        path = liveness_file()
+
+        def ensure_connection_alive(*args: Any, callback: Any = None, **kwargs: Any) -> Any:
+            def tick() -> None:
+                touch(path)
+                if callback is not None:
+                    callback()
+
+            return ensure_connection(*args, callback=tick, **kwargs)
+
+        conn.ensure_connection = ensure_connection_alive
+        try:
+            return super().ensure_connected(conn)
+        finally:
+            del conn.ensure_connection  # back to the class's method

@@ -24,6 +24,9 @@ Environment variables
                             mostly sleep), the CPU count for prefork, 1 for solo.
 ``CELERY_BROKER_HEARTBEAT`` AMQP heartbeat in seconds (default 10, 0 = off).
 ``HOSTNAME``                the pod name in Kubernetes; used for the rotation.
+
+Read elsewhere: ``COUNT_STEP_SECONDS`` and ``TASK_LEDGER`` (app/tasks.py),
+``CELERY_LIVENESS_FILE`` (app/liveness.py).
 """
 
 from __future__ import annotations

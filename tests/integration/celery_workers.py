@@ -71,6 +71,10 @@ class WorkerProc:
         """Prefix of ``task.request.hostname`` (``name@host``) in the ledger."""
         return f"{self.name}@"
 
+    @property
+    def liveness_file(self) -> Path:
+        return self.log_path.with_suffix(".alive")
+
     def alive(self) -> bool:
         return self.proc.poll() is None
 
@@ -159,7 +163,7 @@ class Workers:
         self.procs: list[WorkerProc] = []
         self._schedulers: list[SchedulerProc] = []
 
-    def env(self, rotation: int | None = None) -> dict[str, str]:
+    def env(self, rotation: int | None = None, name: str | None = None) -> dict[str, str]:
         env = {
             k: v
             for k, v in os.environ.items()
@@ -181,6 +185,8 @@ class Workers:
         )
         if rotation is not None:
             env["CELERY_BROKER_ROTATION"] = str(rotation)
+        if name is not None:
+            env["CELERY_LIVENESS_FILE"] = str(self.workdir / f"{name}.alive")
         return env
 
     def start(self, name: str, rotation: int | None = None) -> WorkerProc:
@@ -206,7 +212,7 @@ class Workers:
             proc = subprocess.Popen(
                 cmd,
                 cwd=REPO_ROOT,
-                env=self.env(rotation),
+                env=self.env(rotation, name),
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -14,6 +14,8 @@ every test uses its own queue.  Each test's numbers are printed (``-rP``/``-s``)
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -23,7 +25,7 @@ from typing import Any
 import pytest
 
 from app import ledger
-from tests.integration.celery_workers import CELERY_BIN, Workers
+from tests.integration.celery_workers import CELERY_BIN, REPO_ROOT, Workers
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -162,6 +164,24 @@ def test_all_tasks_complete_with_three_workers(
     assert numbers["completed"] == n
     assert summary.malformed_lines == 0
     assert sum(1 for c in per_worker.values() if c) >= 2, f"load not spread: {per_worker}"
+    # The Kubernetes liveness probe's command passes for every running worker.
+    for p in w.procs:
+        probe = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "app.liveness",
+                "--max-age",
+                "30",
+                "--file",
+                str(p.liveness_file),
+            ],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert probe.returncode == 0, probe.stderr
 
 
 # ------------------------------------------------------------------------------------

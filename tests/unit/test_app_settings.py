@@ -6,6 +6,7 @@ import json
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -31,7 +32,7 @@ def env(**extra: str) -> dict[str, str]:
     return base
 
 
-def config(**extra: str) -> dict:
+def config(**extra: str) -> dict[str, Any]:
     return celery_config(WorkerSettings.from_env(env(**extra)))
 
 
@@ -334,13 +335,13 @@ def test_sanitize_url() -> None:
 def test_cluster_consumer_replaces_only_the_delayed_delivery_step() -> None:
     from celery.worker.consumer import Consumer
 
-    from app.bootsteps import _OUR_STEP, _STOCK_STEP, ClusterConsumer
+    from app.bootsteps import _LIVENESS_STEP, _OUR_STEP, _STOCK_STEP, ClusterConsumer
 
     stock = Consumer.Blueprint.default_steps
     assert _STOCK_STEP in stock, "Celery renamed the step: the replacement would be a no-op"
     ours = ClusterConsumer.Blueprint.default_steps
     assert _STOCK_STEP not in ours
-    assert ours == [_OUR_STEP if s == _STOCK_STEP else s for s in stock]
+    assert ours == [*(_OUR_STEP if s == _STOCK_STEP else s for s in stock), _LIVENESS_STEP]
     assert config()["worker_consumer"] == "app.bootsteps:ClusterConsumer"
 
 
@@ -386,3 +387,59 @@ def test_cluster_delayed_delivery_uses_the_connected_node_then_falls_back() -> N
     assert calls[0] == URLS[2]
     assert calls[1] in urls and calls[1] != URLS[2]
     assert len(calls) == 2
+
+
+# --- liveness ----------------------------------------------------------------------------
+
+
+def test_liveness_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.liveness import main, touch
+
+    path = tmp_path / "alive"
+    runner = CliRunner()
+    missing = runner.invoke(main, ["--file", str(path)])
+    assert missing.exit_code == 1
+    touch(path)
+    fresh = runner.invoke(main, ["--file", str(path), "--max-age", "60"])
+    assert fresh.exit_code == 0, fresh.output
+    os.utime(path, (0, 1_000))
+    stale = runner.invoke(main, ["--file", str(path), "--max-age", "60"])
+    assert stale.exit_code == 1
+    monkeypatch.setenv("CELERY_LIVENESS_FILE", str(path))
+    touch()
+    assert runner.invoke(main, []).exit_code == 0
+    touch(tmp_path / "no" / "such" / "dir")  # never raises
+
+
+def test_liveness_touched_while_reconnecting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The consumer's connection-retry callback keeps the heartbeat fresh."""
+    from app.bootsteps import ClusterConsumer
+    from app.liveness import age_seconds
+
+    path = tmp_path / "alive"
+    monkeypatch.setenv("CELERY_LIVENESS_FILE", str(path))
+    seen: list[float | None] = []
+
+    class FakeConn:
+        def ensure_connection(
+            self, errback: object = None, max_retries: object = None, callback: Any = None
+        ) -> FakeConn:
+            seen.append(age_seconds(path))
+            callback()  # kombu: once per retry (about every second)
+            seen.append(age_seconds(path))
+            return self
+
+    from celery import Celery
+
+    app = Celery("liveness-test")
+    app.conf.update(config())
+    consumer = ClusterConsumer.__new__(ClusterConsumer)
+    consumer.app = app
+    consumer.first_connection_attempt = True
+    consumer.broker_connection_retry_attempt = 0
+    conn = FakeConn()
+    assert consumer.ensure_connected(conn) is conn
+    assert seen[0] is None and seen[1] is not None and seen[1] < 5
+    assert "ensure_connection" not in vars(conn), "the wrapper is removed afterwards"
