@@ -31,6 +31,7 @@ What replaces the article's chart, and why:
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -238,14 +239,20 @@ def secret_string_data(config: StackConfig, *, erlang_cookie: str, password: str
     }
 
 
-def secret(config: StackConfig, string_data: pulumi.Input[Mapping[str, str]]) -> dict[str, Any]:
-    """Erlang cookie and application credentials (``string_data`` is a secret Output)."""
+def secret_data(string_data: Mapping[str, str]) -> dict[str, str]:
+    """Base64 ``data``: ``stringData`` is not tracked by server-side apply (a key
+    removed from it would linger in the live object), ``data`` is."""
+    return {k: base64.b64encode(v.encode()).decode() for k, v in string_data.items()}
+
+
+def secret(config: StackConfig, data: pulumi.Input[Mapping[str, str]]) -> dict[str, Any]:
+    """Erlang cookie and application credentials (``data`` is a secret Output)."""
     return {
         "apiVersion": "v1",
         "kind": "Secret",
         "metadata": _metadata(SECRET, config.rabbitmq.namespace),
         "type": "Opaque",
-        "stringData": string_data,
+        "data": data,
     }
 
 
@@ -818,13 +825,13 @@ class RabbitmqCluster(pulumi.ComponentResource):
                 )
             )
 
-        string_data: pulumi.Output[dict[str, str]] = pulumi.Output.all(
+        data: pulumi.Output[dict[str, str]] = pulumi.Output.all(
             cookie.result, app_password.result
-        ).apply(lambda v: secret_string_data(config, erlang_cookie=v[0], password=v[1]))
+        ).apply(
+            lambda v: secret_data(secret_string_data(config, erlang_cookie=v[0], password=v[1]))
+        )
         dependencies += [
-            register(
-                f"{name}-credentials", secret(config, pulumi.Output.secret(string_data)), in_ns
-            ),
+            register(f"{name}-credentials", secret(config, pulumi.Output.secret(data)), in_ns),
             register(f"{name}-config", config_map(config), in_ns),
             register(f"{name}-service-account", service_account(config), in_ns),
             register(f"{name}-role", role(config), in_ns),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 import dataclasses
 import json
@@ -137,9 +138,13 @@ def test_secret_holds_cookie_and_app_credentials_and_no_guest() -> None:
     urls = data[BROKER_URLS_KEY].split(",")
     assert urls == rabbitmq.broker_urls(config, "celery", "p4ss")
 
-    manifest = rabbitmq.secret(config, data)
+    encoded = rabbitmq.secret_data(data)
+    assert set(encoded) == set(data)
+    assert base64.b64decode(encoded[rabbitmq.PASSWORD_KEY]) == b"p4ss"
+    manifest = rabbitmq.secret(config, encoded)
     assert manifest["type"] == "Opaque"
-    assert manifest["stringData"] is data
+    assert manifest["data"] is encoded
+    assert "stringData" not in manifest
 
 
 def test_broker_urls_name_every_pod_of_the_headless_service() -> None:
@@ -549,10 +554,13 @@ def test_a_4_3_image_renders_no_partition_handling() -> None:
 def test_secret_contents_are_secret_marked(stack: str) -> None:
     run = _run(stack)
     registered = run.one(SECRET_TYPE, "rabbitmq-credentials")
-    assert is_secret(registered.inputs["stringData"])
-    assert "data" not in registered.inputs
+    assert is_secret(registered.inputs["data"])
+    assert "stringData" not in registered.inputs
     assert {"data", "stringData"} <= set(registered.additional_secret_outputs)
-    data = reveal(registered.inputs["stringData"])
+    data = {
+        key: base64.b64decode(value).decode()
+        for key, value in reveal(registered.inputs["data"]).items()
+    }
     assert data[rabbitmq.COOKIE_KEY] == MOCK_COOKIE
     assert len(data[rabbitmq.COOKIE_KEY]) >= 32
     assert data[rabbitmq.PASSWORD_KEY] == MOCK_PASSWORD
@@ -571,15 +579,19 @@ def test_credentials_never_appear_outside_secrets(stack: str) -> None:
             continue  # the generator itself
         visible = list(_strings(_outside_secrets(registered.inputs)))
         for text in visible:
-            assert MOCK_PASSWORD not in text, registered.name
-            assert MOCK_COOKIE not in text, registered.name
+            for credential in (MOCK_PASSWORD, MOCK_COOKIE):
+                assert credential not in text, registered.name
+                assert base64.b64encode(credential.encode()).decode()[:40] not in text
 
 
 @pytest.mark.parametrize("stack", STACKS)
 def test_no_guest_user_and_no_article_cookie(stack: str) -> None:
     run = _run(stack)
     for registered in run.resources:
-        for text in _strings(reveal(registered.inputs)):
+        inputs = reveal(registered.inputs)
+        if registered.type == SECRET_TYPE and "data" in inputs:
+            inputs["data"] = {k: base64.b64decode(v).decode() for k, v in inputs["data"].items()}
+        for text in _strings(inputs):
             for line in text.splitlines():
                 if line.lstrip().startswith("#"):
                     continue  # comments may explain why there is no guest
