@@ -26,7 +26,7 @@ What replaces the article's chart, and why:
   (the client Service is ClusterIP, there is no LoadBalancer or Ingress).
 * Required pod anti-affinity in production, zone spread, a PodDisruptionBudget,
   a preStop hook that keeps quorum queues available during voluntary restarts,
-  volumes on the GCE PD CSI driver kept after the StatefulSet is deleted.
+  volumes on the GCE PD CSI driver (kept after the StatefulSet in production).
 """
 
 from __future__ import annotations
