@@ -50,6 +50,16 @@ _GCP_REGION = re.compile(r"^[a-z]+-[a-z]+[0-9]+$")
 _GCP_ZONE = re.compile(r"^[a-z]+-[a-z]+[0-9]+-[a-z]$")
 _GCP_PROJECT = re.compile(r"^[a-z][-a-z0-9]{4,28}[a-z0-9]$")
 _CIDR = re.compile(r"^(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})/(\d{1,2})$")
+# The official image, management variant, its version in the tag (a digest may
+# follow): the version decides what rabbitmq.conf may contain.
+_RABBITMQ_IMAGE = re.compile(
+    r"^(?:docker\.io/library/)?rabbitmq:(?P<version>\d+\.\d+\.\d+)-management"
+    r"(?:@sha256:[0-9a-f]{64})?$"
+)
+_RABBITMQ_IMAGE_ALLOWED = (
+    "the official 'rabbitmq' image, management variant, with a pinned version tag, "
+    "e.g. rabbitmq:4.1.4-management (optionally followed by @sha256:<digest>)"
+)
 _IMAGE_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -142,8 +152,11 @@ class RabbitmqConfig:
 
     @property
     def version(self) -> str:
-        """The RabbitMQ version the image tag pins, e.g. "4.1.4"."""
-        return self.image.rsplit(":", 1)[1].split("-", 1)[0]
+        """The RabbitMQ version the image tag pins, e.g. "4.1.4" (the renderer needs it)."""
+        match = _RABBITMQ_IMAGE.match(self.image)
+        if match is None:
+            raise ConfigError(_key("rabbitmq.image"), self.image, _RABBITMQ_IMAGE_ALLOWED)
+        return match["version"]
 
 
 @dataclass(frozen=True)
@@ -319,20 +332,27 @@ def _check_resources(path: str, resources: Resources) -> None:
         _check_quantity(f"{path}.{_camel(name)}", getattr(resources, name))
 
 
-def _check_image(path: str, image: str, *, repository: str | None = None) -> None:
+def _check_image(path: str, image: str) -> None:
     if "@sha256:" in image:
         return
-    name, sep, tag = image.rpartition(":")
+    _, sep, tag = image.rpartition(":")
     if not sep or "/" in tag or not _IMAGE_TAG.match(tag) or tag == "latest":
         raise ConfigError(
             _key(path), image, "an image with a pinned tag or digest (not 'latest' or untagged)"
         )
-    if repository is not None and name not in (repository, f"docker.io/library/{repository}"):
-        raise ConfigError(
-            _key(path),
-            image,
-            f"the official {repository!r} image, e.g. {repository}:4.1.4-management",
-        )
+
+
+def _check_rabbitmq_image(image: str) -> None:
+    if _RABBITMQ_IMAGE.match(image):
+        return
+    name = image.split("@", 1)[0].rpartition(":")[0] or image.split("@", 1)[0]
+    if name not in ("rabbitmq", "docker.io/library/rabbitmq"):
+        problem = "not the official image"
+    elif not re.search(r":\d+\.\d+\.\d+", image):
+        problem = "no pinned version tag"
+    else:
+        problem = "not the management variant"
+    raise ConfigError(_key("rabbitmq.image"), image, f"{problem}: {_RABBITMQ_IMAGE_ALLOWED}")
 
 
 def _check_cidr(path: str, value: str) -> None:
@@ -400,11 +420,7 @@ def validate(config: StackConfig) -> None:
             "an odd number >= 3 in a production stack: quorum queues and pause_minority "
             "need a strict majority to survive losing a node",
         )
-    _check_image("rabbitmq.image", rmq.image, repository="rabbitmq")
-    if not rmq.image.endswith("-management") and "@sha256:" not in rmq.image:
-        raise ConfigError(
-            _key("rabbitmq.image"), rmq.image, "the management variant (tag ending in -management)"
-        )
+    _check_rabbitmq_image(rmq.image)
     for path, name in (
         ("rabbitmq.namespace", rmq.namespace),
         ("workers.namespace", workers.namespace),

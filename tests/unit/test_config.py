@@ -114,14 +114,12 @@ def test_existing_target_needs_no_gcp_project() -> None:
         ("celery-cluster:rabbitmq", ["replicas"], "3", "an integer"),
         ("celery-cluster:rabbitmq", ["antiAffinity"], "soft", "'required', 'preferred'"),
         ("celery-cluster:rabbitmq", ["pvcRetention"], "Keep", "'Retain', 'Delete'"),
-        ("celery-cluster:rabbitmq", ["image"], "rabbitmq:latest", "pinned tag"),
-        (
-            "celery-cluster:rabbitmq",
-            ["image"],
-            "bitnami/rabbitmq:3.13.7",
-            "official 'rabbitmq' image",
-        ),
-        ("celery-cluster:rabbitmq", ["image"], "rabbitmq:4.1.4", "management variant"),
+        ("celery-cluster:rabbitmq", ["image"], "rabbitmq:latest", "no pinned version tag"),
+        ("celery-cluster:rabbitmq", ["image"], "rabbitmq@sha256:" + "a" * 64, "no pinned version"),
+        ("celery-cluster:rabbitmq", ["image"], "bitnami/rabbitmq:3.13.7", "not the official image"),
+        ("celery-cluster:rabbitmq", ["image"], "rabbitmq:4.1.4", "not the management variant"),
+        ("celery-cluster:workers", ["image"], "example/celery", "pinned tag or digest"),
+        ("celery-cluster:workers", ["image"], "example/celery:latest", "pinned tag or digest"),
         ("celery-cluster:gke", ["spot"], "yes", "true or false"),
         ("celery-cluster:gke", ["subnetCidr"], "10.0.0.0/33", "CIDR"),
         ("celery-cluster:kubernetes", ["version"], "1.20", "1.33"),
@@ -152,6 +150,12 @@ def test_production_needs_resource_limits() -> None:
 def test_required_anti_affinity_needs_a_node_per_rabbitmq_pod() -> None:
     config = _with("prod", "celery-cluster:rabbitmq", ["replicas"], 5)
     _rejected(config, "prod", "celery-cluster:rabbitmq.replicas", "at most the 3 node(s)")
+
+
+def test_a_digest_may_follow_the_rabbitmq_version_tag() -> None:
+    image = "rabbitmq:4.1.4-management@sha256:" + "b" * 64
+    config = _with("prod", "celery-cluster:rabbitmq", ["image"], image)
+    assert load_stack_config(config, "prod").rabbitmq.version == "4.1.4"
 
 
 def test_defaults_are_the_durable_choice() -> None:
