@@ -14,6 +14,8 @@ every test uses its own queue.  Each test's numbers are printed (``-rP``/``-s``)
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -289,6 +291,62 @@ def test_sigterm_warm_shutdown_finishes_in_flight_tasks(
     assert numbers["lost"] == 0
     assert numbers["completed"] == n
     assert not (set(summary.duplicates) & starts), "a warm-shut-down task ran again"
+
+
+# ------------------------------------------------------------------------------------
+# 3b. prefork: a pool child killed mid-task (OOM killer) -> requeued, not failed.
+# ------------------------------------------------------------------------------------
+def test_prefork_child_killed_task_is_requeued(
+    rabbit_cluster: Any, workers_factory: Callable[..., Workers], tmp_path: Path
+) -> None:
+    """task_reject_on_worker_lost: without it the task would be acked as failed."""
+    n = 6
+    w = workers_factory(
+        unique_queue("prefork"),
+        broker_urls=rabbit_cluster.broker_urls(),
+        concurrency=2,
+        step_seconds=0.2,
+        pool="prefork",
+    )
+    t0 = time.monotonic()
+    (worker,) = w.start_many(["forky"])
+    ids_file = tmp_path / "ids.txt"
+    w.publish(n, ids_file)
+    ids = ledger.read_ids(ids_file)
+
+    def running_in_child() -> tuple[str, int] | None:
+        finished = set()
+        running: dict[str, int] = {}
+        for line in w.ledger.read_text().splitlines() if w.ledger.exists() else []:
+            rec = json.loads(line)
+            if rec["event"] == ledger.FINISH:
+                finished.add(rec["task_id"])
+            elif rec["pid"] != worker.pid:
+                running[rec["task_id"]] = rec["pid"]
+        for tid, pid in running.items():
+            if tid not in finished:
+                return tid, pid
+        return None
+
+    wait_until(lambda: running_in_child() is not None, 30, "a task running in a pool child")
+    victim = running_in_child()
+    assert victim is not None
+    victim_task, child_pid = victim
+    os.kill(child_pid, signal.SIGKILL)  # only the child: the worker itself lives on
+    wait_until(all_completed(w.ledger, ids_file), 60, "every task to complete")
+    summary = ledger.read_ledger(w.ledger)
+    assert worker.alive(), "the worker died with its pool child"
+    assert summary.starts[victim_task] >= 2, "the killed child's task was not redelivered"
+    assert victim_task in summary.completed
+    numbers = report(
+        "prefork_child_sigkill",
+        ids,
+        w.ledger,
+        time.monotonic() - t0,
+        killed_child_pid=child_pid,
+    )
+    assert numbers["lost"] == 0
+    assert numbers["completed"] == n
 
 
 # ------------------------------------------------------------------------------------
