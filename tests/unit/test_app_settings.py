@@ -443,3 +443,39 @@ def test_liveness_touched_while_reconnecting(
     assert consumer.ensure_connected(conn) is conn
     assert seen[0] is None and seen[1] is not None and seen[1] < 5
     assert "ensure_connection" not in vars(conn), "the wrapper is removed afterwards"
+
+
+def test_scheduler_counts_failures_writes_only_confirmed_ids(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A publish that failed after every retry: reported, not in the ids file, exit 1."""
+    import contextlib
+
+    monkeypatch.setenv("CELERY_BROKER_URLS", ",".join(URLS))
+    import app.celery
+    import app.tasks
+    from app.scheduler import main
+
+    calls: list[dict[str, Any]] = []
+
+    def fake_apply_async(**kw: Any) -> None:
+        calls.append(kw)
+        if len(calls) == 3:
+            raise ConnectionError("broker gone for good")
+
+    monkeypatch.setattr(app.tasks.count, "apply_async", fake_apply_async)
+    monkeypatch.setattr(
+        app.celery.app, "producer_or_acquire", lambda *a, **k: contextlib.nullcontext(None)
+    )
+    ids_file = tmp_path / "ids.txt"
+    result = CliRunner().invoke(
+        main,
+        ["--tasks", "5", "--task-seconds", "0.5", "--ids-file", str(ids_file), "--no-progress"],
+    )
+    assert result.exit_code == 1, result.output
+    assert "published=4 failed=1" in result.output
+    ids = ledger.read_ids(ids_file)
+    assert len(ids) == 4
+    assert calls[2]["task_id"] not in ids
+    assert all(c["kwargs"] == {"step_seconds": 0.5} for c in calls)
+    assert [c["task_id"] for c in calls if c["task_id"] != calls[2]["task_id"]] == ids
