@@ -14,15 +14,19 @@ never collide and cleanup never touches anybody else's processes:
 * every port (AMQP, Erlang distribution, management, prometheus, epmd) is chosen
   free at runtime;
 * the cluster runs its own ``epmd`` on its own port (``ERL_EPMD_PORT``), started by
-  us as a tracked child, and the nodes run with ``-start_epmd false`` so Erlang never
-  daemonizes an untracked epmd;
-* each node (and epmd) is started in a new session, so its whole process group
-  (``sh`` wrapper, ``beam.smp``, ``erl_child_setup``, ``inet_gethost``) is killed
-  by group id; every process also carries a per-cluster marker in its environment,
-  which is how :meth:`LocalRabbitCluster.pids` finds stragglers;
-* the caller becomes a child subreaper (Linux ``PR_SET_CHILD_SUBREAPER``) and reaps
-  what it kills: on machines whose PID 1 does not reap orphans, a killed
-  ``beam.smp`` would otherwise linger as a zombie.
+  us as a tracked child; every ``erl`` started with our environment (nodes, CLI,
+  the "epmd-starter" RabbitMQ's prelaunch runs) gets ``-start_epmd false``
+  (``ERL_FLAGS``), so Erlang never daemonizes an untracked epmd;
+* each node is started in a new session (``start_new_session=True``) under a tiny
+  reaper process (``_REAPER``: a child subreaper that forwards SIGTERM and reaps
+  every descendant).  Erlang's helpers leave the node's process group
+  (``erl_child_setup`` calls ``setsid()``, ``inet_gethost`` double-forks), so a
+  node is killed by PID: its process group plus every process carrying the node's
+  environment marker (``LOCALCLUSTER_RABBIT_ID`` / ``LOCALCLUSTER_RABBIT_NODE``,
+  inherited by every descendant).  The reaper collects them, so nothing is left as a
+  zombie of PID 1 (which, in some containers and micro-VMs, reaps late or never).
+  CLI calls run the same way.  :meth:`LocalRabbitCluster.pids` lists every live
+  process carrying the cluster's marker.
 
 Configuration: ``rabbitmq.conf`` is exactly
 ``rabbitmq_conf(version, LocalDiscovery(...), ...)``.  The default-user snippet
@@ -36,7 +40,6 @@ only carry paths, ports and the node name.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -50,7 +53,7 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from urllib.parse import quote
@@ -78,10 +81,42 @@ log = logging.getLogger(__name__)
 DEFAULT_RABBITMQ_HOME = Path("/usr/lib/rabbitmq")
 PACKAGE = "rabbitmq-server"
 INSTALL_COMMAND = f"apt-get install -y {PACKAGE}"
-#: Environment marker carried by every process a cluster starts (value: cluster id).
+#: Environment markers carried by every process a cluster starts: the cluster id,
+#: and for a node's processes the node name.  Inherited by every descendant, even
+#: those that leave the process group (Erlang's erl_child_setup calls setsid()).
 MARKER_ENV = "LOCALCLUSTER_RABBIT_ID"
+NODE_MARKER_ENV = "LOCALCLUSTER_RABBIT_NODE"
 
-_PR_SET_CHILD_SUBREAPER = 36
+# A tiny init for each node and CLI call.  It becomes a child subreaper (Linux
+# PR_SET_CHILD_SUBREAPER), runs the command, forwards SIGTERM/SIGINT/SIGHUP to it
+# and reaps every descendant until none is left, then exits with the command's
+# status.  Erlang's helpers (erl_child_setup, inet_gethost) leave the process group
+# and double-fork; without this they end up as zombies of PID 1, which on some
+# machines (containers, micro-VMs) reaps late or never.
+_REAPER = r"""
+import ctypes, os, signal, subprocess, sys
+try:
+    ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+except Exception:
+    pass
+child = subprocess.Popen(sys.argv[1:])
+def forward(signum, frame):
+    try:
+        os.kill(child.pid, signum)
+    except ProcessLookupError:
+        pass
+for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    signal.signal(signum, forward)
+status = 1
+while True:
+    try:
+        pid, raw = os.wait()
+    except ChildProcessError:
+        break
+    if pid == child.pid:
+        child.returncode = status = os.waitstatus_to_exitcode(raw)
+sys.exit(status if status >= 0 else 128 - status)
+"""
 
 
 class RabbitMQNotInstalledError(RuntimeError):
@@ -118,18 +153,6 @@ def installed_version(rabbitmq_home: Path = DEFAULT_RABBITMQ_HOME) -> str:
     raise _not_installed(f"no '{PACKAGE}' package and no {rabbitmq_home}/lib/rabbitmq_server-*")
 
 
-def _become_subreaper() -> None:
-    """Orphans of our children get re-parented to us (and are reaped by us)."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-            log.debug("prctl(PR_SET_CHILD_SUBREAPER) failed: errno %d", ctypes.get_errno())
-    except (OSError, AttributeError):  # pragma: no cover - non-glibc platforms
-        log.debug("cannot become a child subreaper", exc_info=True)
-
-
 def _reap(pids: set[int]) -> None:
     """Collect exit statuses of the given pids if they are (now) our children."""
     for pid in pids:
@@ -137,51 +160,84 @@ def _reap(pids: set[int]) -> None:
             os.waitpid(pid, os.WNOHANG)
 
 
-def _proc_state(pid: int) -> str | None:
-    """Process state letter from /proc (``Z`` = zombie), None when gone."""
+def _alive(pid: int) -> bool:
+    st = _stat(pid)
+    return st is not None and st[0] not in ("Z", "X")
+
+
+def _stat(pid: int | str) -> tuple[str, int] | None:
+    """(state, ppid) of a process from /proc, None when it is gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return stat[stat.rindex(")") + 2 :].split(" ", 1)[0]
+    fields = stat[stat.rindex(")") + 2 :].split(" ")
+    return fields[0], int(fields[1])
 
 
-def _alive(pid: int) -> bool:
-    state = _proc_state(pid)
-    return state is not None and state not in ("Z", "X")
-
-
-def marked_pids(marker: str) -> set[int]:
-    """Every live process whose environment carries ``MARKER_ENV=marker``."""
-    needle = f"{MARKER_ENV}={marker}".encode()
+def marked_pids(cluster_id: str, node: str | None = None) -> set[int]:
+    """Live processes whose environment carries this cluster's marker (and node's)."""
+    needles = [f"{MARKER_ENV}={cluster_id}".encode()]
+    if node is not None:
+        needles.append(f"{NODE_MARKER_ENV}={node}".encode())
     found: set[int] = set()
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
-            environ = Path(entry.path, "environ").read_bytes()
+            environ = Path(entry.path, "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if needle in environ.split(b"\0"):
+        if all(needle in environ for needle in needles) and _alive(int(entry.name)):
             found.add(int(entry.name))
     return found
 
 
-def _session_pids(sid: int) -> set[int]:
-    """Every process in session ``sid`` (a node's whole process tree)."""
-    found: set[int] = set()
+def _descendants(root: int) -> set[int]:
+    """``root`` and every live process below it (by parent pid), right now."""
+    children: dict[int, list[int]] = {}
     for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
+        if entry.name.isdigit() and (st := _stat(entry.name)) is not None:
+            children.setdefault(st[1], []).append(int(entry.name))
+    found: set[int] = set()
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        if pid in found:
             continue
-        try:
-            stat = Path(entry.path, "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split(" ")
-        # fields[0]=state, [1]=ppid, [2]=pgrp, [3]=session
-        if int(fields[3]) == sid:
-            found.add(int(entry.name))
-    return found
+        found.add(pid)
+        todo.extend(children.get(pid, []))
+    return {p for p in found if _alive(p)}
+
+
+def _kill_and_reap(members: set[int], timeout: float = 10) -> set[int]:
+    """SIGKILL every pid, reap those that are (or become) our children.
+
+    Returns the pids still present after ``timeout`` (zombies whose parent is not
+    us count as gone: they are dead, their parent or PID 1 collects them).
+    """
+    me = os.getpid()
+    for pid in members:
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while True:
+        _reap(members)
+        present = set()
+        for pid in members:
+            st = _stat(pid)
+            if st is None or st[0] == "X" or (st[0] == "Z" and st[1] != me):
+                continue
+            present.add(pid)
+        if not present or time.monotonic() > deadline:
+            return present
+        time.sleep(0.05)
+
+
+def _reaped(*cmd: str) -> list[str]:
+    """``cmd`` run under the reaper (see ``_REAPER``)."""
+    return [sys.executable, "-I", "-c", _REAPER, *cmd]
 
 
 def _free_ports(count: int) -> list[int]:
@@ -221,8 +277,7 @@ class _Node:
     management_port: int
     prometheus_port: int
     directory: Path
-    proc: subprocess.Popen[bytes] | None = None
-    session_pids: set[int] = field(default_factory=set)
+    proc: subprocess.Popen[bytes] | None = None  # the reaper running rabbitmq-server
 
     @property
     def stdout_log(self) -> Path:
@@ -401,6 +456,9 @@ class LocalRabbitCluster:
                 # the shared default range 35672-35682.
                 "RABBITMQ_CTL_DIST_PORT_MIN": "0",
                 "RABBITMQ_CTL_DIST_PORT_MAX": "0",
+                # No erl started with our environment may daemonize an epmd of its own
+                # (rabbit's prelaunch runs an "epmd-starter" erl): ours is running.
+                "ERL_FLAGS": "-start_epmd false",
                 "LC_ALL": "C.UTF-8",
             }
         )
@@ -411,6 +469,7 @@ class LocalRabbitCluster:
         env = self._base_env()
         env.update(
             {
+                NODE_MARKER_ENV: node.name,
                 "RABBITMQ_NODENAME": node.name,
                 "RABBITMQ_DIST_PORT": str(node.dist_port),
                 "RABBITMQ_CONFIG_FILE": str(node.config_file),
@@ -459,7 +518,7 @@ class LocalRabbitCluster:
         server = self.rabbitmq_home / "bin" / "rabbitmq-server"
         with open(node.stdout_log, "ab") as out:
             node.proc = subprocess.Popen(
-                [str(server)],
+                _reaped(str(server)),
                 env=self._node_env(node),
                 cwd=node.directory,
                 stdin=subprocess.DEVNULL,
@@ -467,7 +526,6 @@ class LocalRabbitCluster:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        node.session_pids = {node.proc.pid}
         log.info("started %s (pid %d, amqp %d)", node.name, node.proc.pid, node.amqp_port)
 
     def _node_failed(self, node: _Node, why: str) -> ClusterError:
@@ -493,7 +551,6 @@ class LocalRabbitCluster:
         with self._lock:
             if self._closed:
                 raise ClusterError("cluster already closed")
-            _become_subreaper()
             t0 = time.monotonic()
             deadline = t0 + timeout
             try:
@@ -563,7 +620,7 @@ class LocalRabbitCluster:
         node = self._nodes[i]
         cmd = [str(self.rabbitmq_home / "bin" / tool), "-n", node.name, *args]
         proc = subprocess.Popen(
-            cmd,
+            _reaped(*cmd),
             env=self._base_env(),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -573,9 +630,10 @@ class LocalRabbitCluster:
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
+            _kill_and_reap(_descendants(proc.pid) - {proc.pid})  # the reaper reaps them
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.communicate(timeout=10)
+            _kill_and_reap(_descendants(proc.pid))
             raise ClusterError(f"{' '.join(cmd)} timed out after {timeout:.0f} s") from None
         if proc.returncode != 0:
             raise ClusterError(
@@ -595,11 +653,12 @@ class LocalRabbitCluster:
         return self._cli("rabbitmq-queues", i, args, timeout)
 
     def node_pids(self, i: int) -> set[int]:
-        """Live processes of node i's session (sh wrapper, beam.smp, helpers)."""
+        """Live processes of node i: sh wrapper, beam.smp, erl_child_setup, port programs."""
         node = self._nodes[i]
-        if node.proc is None:
-            return set()
-        return {p for p in _session_pids(node.proc.pid) if _alive(p)}
+        found = marked_pids(self.cluster_id, node.name)
+        if node.proc is not None and node.proc.poll() is None:
+            found |= _descendants(node.proc.pid)
+        return found
 
     def is_running(self, i: int) -> bool:
         node = self._nodes[i]
@@ -625,7 +684,6 @@ class LocalRabbitCluster:
             node = self._nodes[i]
             if node.proc is None:
                 return
-            members = self.node_pids(i) | {node.proc.pid}
             if graceful and node.proc.poll() is None:
                 log.info("stopping %s gracefully (SIGTERM)", node.name)
                 with contextlib.suppress(ProcessLookupError):
@@ -634,35 +692,30 @@ class LocalRabbitCluster:
                     node.proc.wait(timeout=timeout)
                 except subprocess.TimeoutExpired:
                     log.warning("%s ignored SIGTERM for %.0f s; killing it", node.name, timeout)
-            self._kill_group(node.proc, members)
-            node.proc = None
+            else:
+                log.info("killing %s (SIGKILL)", node.name)
+            self._kill_node_processes(node)
 
     def kill_node(self, i: int) -> None:
-        """SIGKILL node i's whole process group (a crash, not a shutdown)."""
+        """SIGKILL every process of node i (a crash, not a shutdown)."""
         self.stop_node(i, graceful=False)
 
-    def _kill_group(self, proc: subprocess.Popen[bytes], members: set[int]) -> None:
-        """SIGKILL a process group we started, reap it, verify it is gone."""
-        members = members | _session_pids(proc.pid) | {proc.pid}
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        for pid in members:  # members that changed group (should not happen)
-            if pid != proc.pid and _alive(pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+    def _kill_node_processes(self, node: _Node) -> None:
+        """SIGKILL every process of a node but its reaper, which reaps them and exits."""
+        proc = node.proc
+        if proc is None:
+            return
+        members = _descendants(proc.pid) | marked_pids(self.cluster_id, node.name)
+        present = _kill_and_reap(members - {proc.pid})
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=10)
-        deadline = time.monotonic() + 10
-        while True:
-            _reap(members)
-            alive = {p for p in members if _proc_state(p) not in (None, "X")}
-            # Zombies not ours to reap (parent is not us) are dead already.
-            alive = {p for p in alive if _proc_state(p) != "Z" or _parent(p) == os.getpid()}
-            if not alive or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        if alive:
-            log.warning("processes still present after SIGKILL: %s", sorted(alive))
+        # The reaper itself if it is stuck, and anything forked meanwhile.
+        present |= _kill_and_reap(marked_pids(self.cluster_id, node.name) | {proc.pid})
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+        node.proc = None
+        if present:
+            raise ClusterError(f"{node.name}: processes survived SIGKILL: {sorted(present)}")
 
     def pids(self) -> list[int]:
         """Every live OS process this cluster started and still has."""
@@ -671,37 +724,38 @@ class LocalRabbitCluster:
         found = marked_pids(self.cluster_id)
         for node in self._nodes:
             if node.proc is not None and node.proc.poll() is None:
-                found |= _session_pids(node.proc.pid)
+                found |= _descendants(node.proc.pid)
         if self._epmd is not None and self._epmd.poll() is None:
-            found.add(self._epmd.pid)
+            found |= _descendants(self._epmd.pid)
         return sorted(p for p in found if _alive(p))
 
     def _kill_everything(self) -> None:
-        procs = [n.proc for n in self._nodes if n.proc is not None]
-        if self._epmd is not None:
-            procs.append(self._epmd)
-        # SIGKILL every group first (a node whose peers vanish one by one would
-        # otherwise spend the wait pausing itself), then reap and verify each.
-        members = {p.pid: _session_pids(p.pid) for p in procs}
-        for proc in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-        for proc in procs:
-            self._kill_group(proc, members[proc.pid])
+        """SIGKILL every process of the cluster at once, reap, verify."""
+        # All nodes at once (a node whose peers vanish one by one would pause
+        # itself); not the reapers, which collect their node's processes and exit.
+        reapers = {n.proc.pid: n.proc for n in self._nodes if n.proc is not None}
+        members: set[int] = set()
+        for pid in reapers:
+            members |= _descendants(pid)
+        if self._prepared:
+            members |= marked_pids(self.cluster_id)  # CLI calls in flight, orphans
+        epmd = self._epmd
+        present = _kill_and_reap(members - set(reapers) - ({epmd.pid} if epmd else set()))
+        for proc in reapers.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
+        if epmd is not None:  # last: nodes talk to it until they die
+            present |= _kill_and_reap({epmd.pid})
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                epmd.wait(timeout=5)
         for node in self._nodes:
             node.proc = None
         self._epmd = None
-        # Anything else carrying our marker (a CLI call in flight, an epmd that
-        # Erlang daemonized despite -start_epmd false) is ours too.
-        strays = marked_pids(self.cluster_id) if self._prepared else set()
-        for pid in strays:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while strays and time.monotonic() < deadline:
-            _reap(strays)
-            strays = {p for p in strays if _alive(p)}
-            time.sleep(0.05)
+        if self._prepared:
+            present |= _kill_and_reap(marked_pids(self.cluster_id) | set(reapers))
+        present = {p for p in present if _alive(p)}
+        if present:
+            log.warning("cluster %s: still present after SIGKILL: %s", self.cluster_id, present)
 
     def close(self, remove_dir: bool | None = None) -> None:
         """Stop every process this cluster started (by process group), verify they are gone.
@@ -742,11 +796,3 @@ class LocalRabbitCluster:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-
-def _parent(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat[stat.rindex(")") + 2 :].split(" ")[1])

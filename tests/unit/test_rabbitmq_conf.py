@@ -99,9 +99,9 @@ def test_no_partition_handling_key_from_4_3(version: str) -> None:
 # -------------------------------------------------------------- k8s vs local
 @pytest.mark.parametrize("version", ALL_VERSIONS)
 def test_k8s_and_local_differ_only_in_discovery(version: str) -> None:
-    kwargs = {"definitions_path": "/etc/rabbitmq/definitions.json"}
-    k8s = rabbitmq_conf(version, K8S, **kwargs)
-    local = rabbitmq_conf(version, LOCAL, **kwargs)
+    path = "/etc/rabbitmq/definitions.json"
+    k8s = rabbitmq_conf(version, K8S, definitions_path=path)
+    local = rabbitmq_conf(version, LOCAL, definitions_path=path)
     assert k8s != local
     assert without_discovery(k8s) == without_discovery(local)
     for conf in (k8s, local):
