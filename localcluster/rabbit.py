@@ -686,8 +686,10 @@ class LocalRabbitCluster:
                 return
             if graceful and node.proc.poll() is None:
                 log.info("stopping %s gracefully (SIGTERM)", node.name)
+                # To the reaper, which forwards it to rabbitmq-server, which forwards
+                # it to beam.smp: RabbitMQ's own graceful shutdown.
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(node.proc.pid, signal.SIGTERM)
+                    os.kill(node.proc.pid, signal.SIGTERM)
                 try:
                     node.proc.wait(timeout=timeout)
                 except subprocess.TimeoutExpired:
