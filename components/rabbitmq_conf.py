@@ -23,6 +23,11 @@ Design notes (the "why" behind every key):
   the old ``cluster_formation.k8s.host/address_type/hostname_suffix/service_name``
   keys are accepted but ignored (with deprecation warnings), so they are not rendered
   for 4.1+.  Locally, ``classic_config`` lists the node names.
+  ``cluster_formation.target_cluster_size_hint`` matters beyond a hint: a node
+  importing definitions at boot skips the queues and bindings while fewer nodes
+  than that are up ("There are fewer than target cluster size (3) nodes online,
+  skipping queue and binding import from definitions", seen on 3.10.8), so the
+  last node to join declares the dead-letter quorum queue with all replicas.
 * No ``guest`` user at all: ``guest`` only exists because it is the *default* value
   of ``default_user``; setting ``default_user`` to the app user (see
   :func:`default_user_conf`, kept in a Secret) means ``guest`` is never created.
