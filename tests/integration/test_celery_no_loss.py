@@ -13,6 +13,7 @@ every test uses its own queue.  Each test's numbers are printed (``-rP``/``-s``)
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -360,8 +361,10 @@ def test_publish_through_broker_node_restart(
     w = workers_factory(
         unique_queue("node"),
         broker_urls=rabbit_cluster.broker_urls(),
-        concurrency=10,
-        step_seconds=0.0,
+        concurrency=20,
+        # 0.5 s tasks: the worker on the killed node has tasks in flight, which
+        # cannot be acked any more and are redelivered (duplicates, not losses).
+        step_seconds=0.05,
     )
     t0 = time.monotonic()
     # Worker "on0" declares the queue through node 0 first (leader there), then
@@ -395,14 +398,16 @@ def test_publish_through_broker_node_restart(
     assert len(ids) == n
     wait_until(all_completed(w.ledger, ids_file), 90, "every task to complete")
     assert on0.alive() and on1.alive(), "a worker died with the broker node"
-    # The worker whose node died failed over and went back to work at once
-    # (Celery's stock delayed-delivery step kept it idle ~9 s retrying the dead
-    # node: app/bootsteps.py).
-    on0_resumed = min(
-        rec_ts
-        for rec_ts, worker in _starts(w.ledger)
-        if worker.startswith(on0.nodename_prefix) and rec_ts > t_kill
+    # The worker whose node died failed over and went back to work at once:
+    # the longest pause between two of its task starts around the kill (Celery's
+    # stock delayed-delivery step kept it idle ~9 s retrying the dead node:
+    # app/bootsteps.py).
+    on0_starts = sorted(
+        ts
+        for ts, worker in _starts(w.ledger)
+        if worker.startswith(on0.nodename_prefix) and t_kill - 1 <= ts <= t_kill + 15
     )
+    on0_idle = max(b - a for a, b in itertools.pairwise(on0_starts))
     numbers = report(
         "publish_through_node_restart",
         ids,
@@ -411,9 +416,9 @@ def test_publish_through_broker_node_restart(
         published_before_kill=at_kill,
         published_before_rejoin=at_rejoin,
         node_restart_seconds=round(restart_seconds, 2),
-        failed_over_worker_idle_seconds=round(on0_resumed - t_kill, 2),
+        failed_over_worker_max_idle_seconds=round(on0_idle, 2),
         scheduler=output.strip().splitlines()[-1],
     )
     assert numbers["lost"] == 0
     assert numbers["completed"] == n
-    assert on0_resumed - t_kill < 5.0, "the failed-over worker stayed idle"
+    assert on0_idle < 5.0, "the failed-over worker stayed idle"
