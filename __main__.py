@@ -1,10 +1,10 @@
 """A reliable Celery worker cluster: config -> GKE -> RabbitMQ -> workers -> exports."""
 
 import pulumi
-from components.rabbitmq import RabbitmqCluster
 
 from components import config as stack_config
 from components.gke import GkeCluster, existing_cluster_provider
+from components.rabbitmq import RabbitmqCluster
 from components.worker_image import worker_image
 from components.workers import CeleryWorkers
 
