@@ -87,7 +87,7 @@ HOME_DIR = "/var/lib/rabbitmq"
 DATA_DIR = f"{HOME_DIR}/mnesia"
 COOKIE_FILE = f"{HOME_DIR}/.erlang.cookie"
 COOKIE_SECRET_DIR = "/run/rabbitmq-cookie"
-DEFINITIONS_DIR = "/etc/rabbitmq/definitions"
+DEFINITIONS_FILE = "/etc/rabbitmq/definitions.json"
 POD_INFO_DIR = "/etc/pod-info"
 
 # Secret keys.
@@ -96,11 +96,11 @@ USERNAME_KEY = "username"
 PASSWORD_KEY = "password"
 VHOST_KEY = "vhost"
 DEFAULT_USER_CONF_KEY = "default_user.conf"
-USERS_DEFINITIONS_KEY = "users.json"
+# Topology AND the application user (with its password hash): a Secret.
+DEFINITIONS_KEY = "definitions.json"
 # ConfigMap keys.
 CONF_KEY = "rabbitmq.conf"
 PLUGINS_KEY = "enabled_plugins"
-DEFINITIONS_KEY = "definitions.json"
 
 # The Operator's escape hatch: `kubectl label pod <pod> skipPreStopChecks=true`
 # makes the preStop hook return at once (e.g. when the whole cluster is being
@@ -177,24 +177,6 @@ def prestop_timeouts(grace_seconds: int) -> tuple[int, int]:
     return grace_seconds - stop_reserve - drain, drain
 
 
-def users_definitions_json(username: str, password: str, vhost: str) -> str:
-    """Definitions that create the application user and its permissions.
-
-    Needed because RabbitMQ does NOT seed ``default_user`` when definitions are
-    imported at boot (``rabbit:maybe_insert_default_data/0`` skips it "have
-    definitions to load"), and the topology definitions are imported at boot. The
-    plain ``password`` is hashed by the node on import; the file lives in the Secret.
-    """
-    document = {
-        "users": [{"name": username, "password": password, "tags": ["management"]}],
-        "vhosts": [{"name": vhost}],
-        "permissions": [
-            {"user": username, "vhost": vhost, "configure": ".*", "write": ".*", "read": ".*"}
-        ],
-    }
-    return json.dumps(document, indent=2) + "\n"
-
-
 # --- one builder per Kubernetes object ------------------------------------------------
 
 
@@ -233,7 +215,16 @@ def secret_string_data(config: StackConfig, *, erlang_cookie: str, password: str
         PASSWORD_KEY: password,
         VHOST_KEY: VHOST,
         DEFAULT_USER_CONF_KEY: default_user_conf(APP_USERNAME, password, VHOST),
-        USERS_DEFINITIONS_KEY: users_definitions_json(APP_USERNAME, password, VHOST),
+        # The same document the local cluster boots. RabbitMQ does NOT seed
+        # default_user when definitions are imported at boot ("have definitions
+        # to load"), so the user is in here, as a salted hash.
+        DEFINITIONS_KEY: definitions_json(
+            VHOST,
+            delivery_limit=config.rabbitmq.delivery_limit,
+            username=APP_USERNAME,
+            password=password,
+            version=config.rabbitmq.version,
+        ),
         # Comma-separated, as CELERY_BROKER_URLS expects.
         names.BROKER_URLS_KEY: ",".join(broker_urls(config, APP_USERNAME, password)),
     }
@@ -260,13 +251,8 @@ def config_map_data(config: StackConfig) -> dict[str, str]:
     rmq = config.rabbitmq
     found = discovery(config)
     return {
-        CONF_KEY: rabbitmq_conf(rmq.version, found, definitions_path=DEFINITIONS_DIR),
+        CONF_KEY: rabbitmq_conf(rmq.version, found, definitions_path=DEFINITIONS_FILE),
         PLUGINS_KEY: enabled_plugins(found),
-        # Vhost, dead-letter exchange/queue and the quorum-queue delivery-limit
-        # policy: replaces the article's ha-all mirroring policy.
-        DEFINITIONS_KEY: definitions_json(
-            VHOST, delivery_limit=rmq.delivery_limit, version=rmq.version
-        ),
     }
 
 
@@ -505,9 +491,7 @@ def _rabbitmq_container(config: StackConfig) -> dict[str, Any]:
             {"name": "persistence", "mountPath": DATA_DIR},
             {"name": "rabbitmq-logs", "mountPath": "/var/log/rabbitmq"},
             {"name": "tmp", "mountPath": "/tmp"},
-            # Single files, so the image's own conf.d/10-defaults.conf stays, and
-            # the definitions directory holds exactly the two JSON documents (a
-            # whole-volume mount would add the kubelet's ..data entries to it).
+            # Single files, so the image's own conf.d/10-defaults.conf stays.
             {
                 "name": "server-conf",
                 "mountPath": "/etc/rabbitmq/rabbitmq.conf",
@@ -521,12 +505,6 @@ def _rabbitmq_container(config: StackConfig) -> dict[str, Any]:
                 "readOnly": True,
             },
             {
-                "name": "server-conf",
-                "mountPath": f"{DEFINITIONS_DIR}/10-topology.json",
-                "subPath": DEFINITIONS_KEY,
-                "readOnly": True,
-            },
-            {
                 "name": "credentials",
                 "mountPath": f"/etc/rabbitmq/conf.d/{DEFAULT_USER_CONF_KEY}",
                 "subPath": DEFAULT_USER_CONF_KEY,
@@ -534,8 +512,8 @@ def _rabbitmq_container(config: StackConfig) -> dict[str, Any]:
             },
             {
                 "name": "credentials",
-                "mountPath": f"{DEFINITIONS_DIR}/20-users.json",
-                "subPath": USERS_DEFINITIONS_KEY,
+                "mountPath": DEFINITIONS_FILE,
+                "subPath": DEFINITIONS_KEY,
                 "readOnly": True,
             },
             {"name": "pod-info", "mountPath": POD_INFO_DIR, "readOnly": True},
@@ -563,7 +541,7 @@ def _volumes() -> list[dict[str, Any]]:
                 "defaultMode": secret_mode,
                 "items": [
                     {"key": DEFAULT_USER_CONF_KEY, "path": DEFAULT_USER_CONF_KEY},
-                    {"key": USERS_DEFINITIONS_KEY, "path": USERS_DEFINITIONS_KEY},
+                    {"key": DEFINITIONS_KEY, "path": DEFINITIONS_KEY},
                 ],
             },
         },
@@ -591,7 +569,12 @@ def _volumes() -> list[dict[str, Any]]:
 
 def config_hash(config: StackConfig) -> str:
     """Changes with the rendered configuration, so a change rolls the pods one by one."""
-    data = json.dumps(config_map_data(config), sort_keys=True).encode()
+    # The definitions live in the Secret (they hold the password hash); their
+    # topology part, rendered without the user, is hashed here.
+    topology = definitions_json(
+        VHOST, delivery_limit=config.rabbitmq.delivery_limit, version=config.rabbitmq.version
+    )
+    data = json.dumps([config_map_data(config), topology], sort_keys=True).encode()
     return hashlib.sha256(data).hexdigest()[:16]
 
 

@@ -132,9 +132,15 @@ def test_secret_holds_cookie_and_app_credentials_and_no_guest() -> None:
     assert "default_user = celery" in data[rabbitmq.DEFAULT_USER_CONF_KEY]
     assert "default_pass = p4ss" in data[rabbitmq.DEFAULT_USER_CONF_KEY]
     # The user really exists: boot-time definitions import skips default_user seeding.
-    users = json.loads(data[rabbitmq.USERS_DEFINITIONS_KEY])
-    assert users["users"] == [{"name": "celery", "password": "p4ss", "tags": ["management"]}]
-    assert users["permissions"][0]["vhost"] == rabbitmq.VHOST
+    definitions = json.loads(data[rabbitmq.DEFINITIONS_KEY])
+    (user,) = definitions["users"]
+    assert user["name"] == "celery" and user["password_hash"]
+    assert "p4ss" not in data[rabbitmq.DEFINITIONS_KEY]
+    # Quorum queues and a delivery limit replace the article's ha-all mirroring.
+    assert "ha-mode" not in data[rabbitmq.DEFINITIONS_KEY]
+    assert definitions["permissions"][0]["vhost"] == rabbitmq.VHOST
+    (policy,) = definitions["policies"]
+    assert policy["definition"]["delivery-limit"] == config.rabbitmq.delivery_limit
     urls = data[BROKER_URLS_KEY].split(",")
     assert urls == rabbitmq.broker_urls(config, "celery", "p4ss")
 
@@ -160,16 +166,11 @@ def test_broker_urls_name_every_pod_of_the_headless_service() -> None:
 def test_config_map_is_rendered_by_the_renderer_for_kubernetes() -> None:
     config = _config("prod")
     data = rabbitmq.config_map(config)["data"]
-    assert set(data) == {"rabbitmq.conf", "enabled_plugins", "definitions.json"}
+    assert set(data) == {"rabbitmq.conf", "enabled_plugins"}
     conf = data["rabbitmq.conf"]
     assert "cluster_formation.peer_discovery_backend = rabbit_peer_discovery_k8s" in conf
-    assert f"definitions.local.path = {rabbitmq.DEFINITIONS_DIR}" in conf
+    assert f"definitions.local.path = {rabbitmq.DEFINITIONS_FILE}" in conf
     assert "rabbitmq_peer_discovery_k8s" in data["enabled_plugins"]
-    definitions = json.loads(data["definitions.json"])
-    (policy,) = definitions["policies"]
-    assert policy["definition"]["delivery-limit"] == config.rabbitmq.delivery_limit
-    assert policy["definition"]["dead-letter-exchange"]
-    assert "ha-mode" not in data["definitions.json"]
     assert "password" not in json.dumps(data)
 
 
@@ -375,11 +376,9 @@ def test_every_mount_has_a_volume_and_every_sub_path_a_key() -> None:
     assert mounts["/var/lib/rabbitmq/mnesia"]["name"] == "persistence"
     assert mounts["/etc/rabbitmq/conf.d/default_user.conf"]["name"] == "credentials"
     assert mounts["/etc/rabbitmq/rabbitmq.conf"]["subPath"] == "rabbitmq.conf"
-    # The definitions directory holds the topology and the user, nothing else.
-    assert sorted(p for p in mounts if p.startswith(rabbitmq.DEFINITIONS_DIR + "/")) == [
-        f"{rabbitmq.DEFINITIONS_DIR}/10-topology.json",
-        f"{rabbitmq.DEFINITIONS_DIR}/20-users.json",
-    ]
+    # One definitions document (topology and user), from the Secret.
+    assert mounts[rabbitmq.DEFINITIONS_FILE]["name"] == "credentials"
+    assert mounts[rabbitmq.DEFINITIONS_FILE]["subPath"] == rabbitmq.DEFINITIONS_KEY
 
 
 def test_a_configuration_change_rolls_the_pods() -> None:
