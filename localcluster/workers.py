@@ -1,4 +1,6 @@
-"""Start, stop and kill real Celery worker processes (and the scheduler) for tests.
+"""Start, stop and kill real Celery worker processes (and the scheduler) on this machine.
+
+Used by the integration tests and by ``python -m localcluster`` (``make local``).
 
 Every worker is ``celery -A app.celery worker --pool threads ...`` run as a
 subprocess in its own session (``start_new_session=True``), so its whole
@@ -22,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 CELERY_BIN = Path(sys.executable).with_name("celery")
-MARKER_ENV = "CELERY_TEST_WORKERS_ID"
+MARKER_ENV = "LOCALCLUSTER_WORKERS_ID"
 
 
 def _marked_pids(marker: str) -> set[int]:

@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 from app import ledger
-from tests.integration.celery_workers import CELERY_BIN, REPO_ROOT, Workers
+from localcluster.workers import CELERY_BIN, REPO_ROOT, Workers
 
 pytestmark = pytest.mark.rabbitmq
 
