@@ -3,8 +3,8 @@
 For every stack file, each manifest is validated STRICTLY (an unknown or
 misspelled field fails) against the schema of that stack's
 ``kubernetes.version``, with kubernetes-validate's bundled schemas: no cluster,
-no network. Secret values are replaced by a placeholder string first, which is
-what the API server would see in their place as far as types go.
+no network. Secret values are unwrapped (tests.program.reveal) and checked
+like any other value.
 """
 
 from __future__ import annotations
@@ -17,10 +17,9 @@ import kubernetes_validate
 import pytest
 
 from components.config import SUPPORTED_KUBERNETES_VERSIONS, load_stack_config
-from tests.program import ProgramRun, is_secret, run_program, stack_config, stack_names
+from tests.program import ProgramRun, reveal, run_program, stack_config, stack_names
 
 STACKS = stack_names()
-PLACEHOLDER = "<secret>"
 # A valid object to mutate in the negative tests (kept tiny on purpose).
 CONFIG_MAP = {
     "apiVersion": "v1",
@@ -41,37 +40,9 @@ def _version(stack: str) -> str:
     return load_stack_config(stack_config(stack), stack).kubernetes.version
 
 
-def _mask(value: Any) -> Any:
-    """Every string inside a secret becomes the placeholder; the shape stays."""
-    if isinstance(value, str):
-        return PLACEHOLDER
-    if isinstance(value, dict):
-        return {k: _mask(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_mask(v) for v in value]
-    return value
-
-
-def for_validation(value: Any) -> Any:
-    """The manifest as the API server would type-check it.
-
-    Secret markers are replaced by placeholders, and the mock wire format's
-    integral floats (it carries every number as a double) become integers.
-    """
-    if is_secret(value):
-        return for_validation(_mask(value["value"]))
-    if isinstance(value, dict):
-        return {k: for_validation(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [for_validation(v) for v in value]
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
-
-
 def _objects(stack: str) -> list[tuple[str, dict[str, Any]]]:
     return [
-        (f"{m['kind']}/{m['metadata'].get('name', r.name)}", for_validation(m))
+        (f"{m['kind']}/{m['metadata'].get('name', r.name)}", reveal(m))
         for r, m in _run(stack).kubernetes_objects()
     ]
 
@@ -96,15 +67,6 @@ def test_every_registered_object_is_valid_for_the_stacks_kubernetes_version(stac
     version = _version(stack)
     for _, manifest in objects:
         _validate(manifest, version)
-
-
-@pytest.mark.parametrize("stack", STACKS)
-def test_secret_values_are_replaced_before_validation(stack: str) -> None:
-    for name, manifest in _objects(stack):
-        if manifest["kind"] == "Secret":
-            data = manifest.get("stringData") or manifest.get("data")
-            assert data, name
-            assert set(data.values()) == {PLACEHOLDER}, name
 
 
 @pytest.mark.parametrize("version", SUPPORTED_KUBERNETES_VERSIONS)
