@@ -101,14 +101,13 @@ def _broker_env() -> list[Manifest]:
     ]
 
 
-def worker_command(config: StackConfig) -> list[str]:
-    workers = config.workers
+def worker_command() -> list[str]:
+    # Pool and concurrency come from the environment, through
+    # app.settings.celery_config (which also tunes other settings to the pool).
     return [
         "celery",
         "--app=app.celery",
         "worker",
-        f"--pool={workers.pool}",
-        f"--concurrency={workers.concurrency}",
         "--loglevel=INFO",
         # The pod name: unique per replica, and what the broker-list rotation hashes.
         "--hostname=celery@%h",
@@ -130,7 +129,7 @@ def deployment(config: StackConfig, image: pulumi.Input[str]) -> Manifest:
     container = {
         "name": "worker",
         "image": image,
-        "command": worker_command(config),
+        "command": worker_command(),
         "env": [
             *_broker_env(),
             {"name": "CELERY_POOL", "value": workers.pool},

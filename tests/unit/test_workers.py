@@ -22,8 +22,11 @@ def test_deployment_takes_its_shape_from_config() -> None:
     container = pod["containers"][0]
     assert spec["replicas"] == config.workers.replicas
     assert spec["selector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
-    assert f"--pool={config.workers.pool}" in container["command"]
-    assert f"--concurrency={config.workers.concurrency}" in container["command"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["CELERY_POOL"] == config.workers.pool
+    assert env["CELERY_CONCURRENCY"] == str(config.workers.concurrency)
+    # One source: the flags would override what app.settings derives from the pool.
+    assert not [a for a in container["command"] if a.startswith(("--pool", "--concurrency"))]
     assert container["resources"]["limits"] == {"cpu": "1", "memory": "512Mi"}
     assert pod["terminationGracePeriodSeconds"] >= config.workers.longest_task_seconds
     assert pod["terminationGracePeriodSeconds"] >= 60
@@ -140,3 +143,19 @@ def test_an_image_is_built_and_pushed_unless_one_is_given() -> None:
     assert not prebuilt.of_type("docker-build:index:Image")
     deployment = reveal(prebuilt.one(DEPLOYMENT, "workers-deployment").inputs)
     assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == "example/celery:1.0"
+
+
+def test_the_app_accepts_the_environment_the_deployment_gives_it() -> None:
+    """The manifest's env, fed to the real app.settings, yields the configured pool."""
+    from app.settings import WorkerSettings, celery_config
+
+    for stack in ("dev", "prod"):
+        config = _config(stack)
+        container = workers.deployment(config, "img:1")["spec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+        env["CELERY_BROKER_URLS"] = "amqp://u:p@rabbitmq-server-0:5672/celery"
+        env["HOSTNAME"] = "celery-worker-abc"
+        celery = celery_config(WorkerSettings.from_env(env))
+        assert celery["worker_pool"] == config.workers.pool
+        assert celery["worker_concurrency"] == config.workers.concurrency
+        assert celery["task_acks_late"] is True
