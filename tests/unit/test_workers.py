@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from app.settings import WorkerSettings, celery_config
 from components import workers
 from components.config import load_stack_config
 from components.names import AMQP_CLIENT_LABEL, BROKER_URLS_KEY
@@ -147,8 +148,6 @@ def test_an_image_is_built_and_pushed_unless_one_is_given() -> None:
 
 def test_the_app_accepts_the_environment_the_deployment_gives_it() -> None:
     """The manifest's env, fed to the real app.settings, yields the configured pool."""
-    from app.settings import WorkerSettings, celery_config
-
     for stack in ("dev", "prod"):
         config = _config(stack)
         container = workers.deployment(config, "img:1")["spec"]["template"]["spec"]["containers"][0]
