@@ -27,3 +27,10 @@ test: setup lint typecheck
 
 preview up destroy: setup-cloud
 	$(VENV_PY) -m tools.stack $@ --stack $(STACK)
+
+# The whole system on this machine (3 RabbitMQ nodes, Celery workers), one fault
+# midway, and the numbers: out/local/report.json and out/local/timeline.png.
+#   make local ARGS="--fault broker-kill"      (see: .venv/bin/python -m localcluster --help)
+.PHONY: local
+local: setup
+	$(VENV_PY) -m localcluster $(ARGS)

@@ -1,0 +1,295 @@
+"""The numbers and the picture of a local run (``python -m localcluster``).
+
+Everything here is computed from the run's ledger (``app/ledger.py``: one
+``start`` and one ``finish`` line per task execution, with wall-clock ``ts``),
+the ids the scheduler had confirmed (``--ids-file``) and the wall-clock times of
+the fault (``fault``: the kill, ``restart``: bringing the node/worker back,
+``rejoin``: it is back, clustered/ready).  Pure functions, plus
+:class:`LedgerTail` (an incremental, thread-safe reader for live progress) and
+:func:`plot_timeline` (matplotlib, Agg backend: no display needed).
+"""
+
+from __future__ import annotations
+
+import bisect
+import datetime as dt
+import itertools
+import json
+import math
+import os
+import platform
+import socket
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from app import ledger
+
+__all__ = [
+    "Event",
+    "LedgerTail",
+    "completions_per_second",
+    "longest_gap",
+    "machine_info",
+    "phase_throughput",
+    "plot_timeline",
+    "read_events",
+    "throughput",
+]
+
+
+@dataclass(frozen=True)
+class Event:
+    """One ledger line: a task execution starting or finishing on a worker."""
+
+    ts: float
+    event: str
+    task_id: str
+    worker: str
+
+
+def _parse(line: str) -> Event | None:
+    try:
+        rec = json.loads(line)
+        return Event(float(rec["ts"]), str(rec["event"]), str(rec["task_id"]), str(rec["worker"]))
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def read_events(path: str | os.PathLike[str]) -> list[Event]:
+    """Every well-formed ledger line, in file order (a missing file: none)."""
+    p = Path(path)
+    if not p.exists():
+        return []
+    with p.open(encoding="utf-8", errors="replace") as fh:
+        return [e for e in map(_parse, fh) if e is not None]
+
+
+@dataclass
+class LedgerTail:
+    """Reads the lines appended to a ledger since the last :meth:`poll`.
+
+    Only complete lines are consumed (a line being written is read next time).
+    Safe to poll from several threads.
+    """
+
+    path: Path
+    finished: set[str] = field(default_factory=set)
+    finish_times: list[float] = field(default_factory=list)  # every finish, sorted
+    running: dict[str, set[str]] = field(default_factory=dict)  # worker -> started, unfinished
+    _offset: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def poll(self) -> None:
+        with self._lock:
+            try:
+                with open(self.path, "rb") as fh:
+                    fh.seek(self._offset)
+                    data = fh.read()
+            except FileNotFoundError:
+                return
+            end = data.rfind(b"\n") + 1
+            self._offset += end
+            for raw in data[:end].decode(errors="replace").splitlines():
+                event = _parse(raw)
+                if event is None:
+                    continue
+                if event.event == ledger.START:
+                    self.running.setdefault(event.worker, set()).add(event.task_id)
+                elif event.event == ledger.FINISH:
+                    self.finished.add(event.task_id)
+                    bisect.insort(self.finish_times, event.ts)
+                    self.running.get(event.worker, set()).discard(event.task_id)
+
+    def completed(self) -> int:
+        with self._lock:
+            return len(self.finished)
+
+    def missing(self, ids: Iterable[str]) -> set[str]:
+        with self._lock:
+            return set(ids) - self.finished
+
+    def in_flight(self, worker_prefix: str) -> set[str]:
+        """Tasks a worker (``name@``) started and has not finished."""
+        with self._lock:
+            found: set[str] = set()
+            for worker, ids in self.running.items():
+                if worker.startswith(worker_prefix):
+                    found |= ids
+            return found
+
+    def rate(self, now: float, window: float = 5.0) -> float:
+        """Task executions finished per second over the last ``window`` seconds."""
+        with self._lock:
+            recent = len(self.finish_times) - bisect.bisect_left(self.finish_times, now - window)
+        return recent / window
+
+
+def longest_gap(times: Sequence[float]) -> tuple[float, float | None]:
+    """(longest stretch between two consecutive times, where it started)."""
+    ordered = sorted(times)
+    best, start = 0.0, None
+    for a, b in itertools.pairwise(ordered):
+        if b - a > best:
+            best, start = b - a, a
+    return best, start
+
+
+def throughput(times: Sequence[float], start: float, end: float) -> float | None:
+    """Completions per second in [start, end); None for an empty window."""
+    if end - start <= 0:
+        return None
+    lo = bisect.bisect_left(times, start)
+    hi = bisect.bisect_left(times, end)
+    return (hi - lo) / (end - start)
+
+
+def phase_throughput(
+    first_finishes: Sequence[float],
+    begin: float,
+    fault: float | None,
+    rejoin: float | None,
+    end: float,
+) -> dict[str, float | None]:
+    """Unique completions per second before the fault, during it (until the
+    node/worker is back) and after it.  ``end`` is the last completion: the
+    "after" window stops there (an idle tail would dilute it).  A phase with no
+    duration (no fault; everything done before the rejoin) is None."""
+    times = sorted(first_finishes)
+    end_closed = math.nextafter(end, math.inf)  # count the last completion
+    if fault is None:
+        return {"before": throughput(times, begin, end_closed), "during": None, "after": None}
+    back = rejoin if rejoin is not None else end_closed
+    return {
+        "before": throughput(times, begin, fault),
+        "during": throughput(times, fault, min(back, end_closed)),
+        "after": throughput(times, back, end_closed) if back < end_closed else None,
+    }
+
+
+def completions_per_second(times: Iterable[float], begin: float, end: float) -> list[int]:
+    """Histogram of ``times`` in one-second bins from ``begin`` to ``end``."""
+    bins = [0] * max(1, math.ceil(end - begin))
+    for t in times:
+        i = int(t - begin)
+        if 0 <= i < len(bins):
+            bins[i] += 1
+    return bins
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _mem_total_gb() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 1024 / 1024, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def machine_info(rabbitmq_version: str | None = None) -> dict[str, Any]:
+    """What the numbers were measured on."""
+    return {
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "mem_total_gb": _mem_total_gb(),
+        "python": platform.python_version(),
+        "rabbitmq": rabbitmq_version,
+        "celery": _version("celery"),
+        "kombu": _version("kombu"),
+    }
+
+
+def utc_now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def plot_timeline(
+    path: str | os.PathLike[str],
+    *,
+    first_finishes: Sequence[float],
+    all_finishes: Sequence[float],
+    begin: float,
+    end: float,
+    marks: dict[str, float],
+    gap: tuple[float, float | None],
+    title: str,
+) -> None:
+    """Completions per second (unique, and re-executions on top), the fault,
+    the restart and the rejoin marked, the longest gap shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    unique = completions_per_second(first_finishes, begin, end)
+    every = completions_per_second(all_finishes, begin, end)
+    again = [e - u for e, u in zip(every, unique, strict=True)]
+    xs = list(range(len(unique)))
+    fig, ax = plt.subplots(figsize=(13, 4.5), dpi=100)
+    try:
+        ax.bar(xs, unique, width=1.0, align="edge", color="#4c72b0", label="completed (first time)")
+        if any(again):
+            ax.bar(
+                xs,
+                again,
+                bottom=unique,
+                width=1.0,
+                align="edge",
+                color="#dd8452",
+                label="completed again (duplicate)",
+            )
+        styles = {
+            "fault": ("red", "-", "fault injected"),
+            "restart": ("orange", "--", "restart begins"),
+            "rejoin": ("green", "-", "back (rejoined / ready)"),
+        }
+        for key, (color, style, label) in styles.items():
+            if key in marks:
+                ax.axvline(marks[key] - begin, color=color, linestyle=style, lw=2, label=label)
+        if "fault" in marks and "rejoin" in marks:
+            ax.axvspan(marks["fault"] - begin, marks["rejoin"] - begin, color="red", alpha=0.07)
+        seconds, start = gap
+        if start is not None and seconds > 0:
+            ax.axvspan(
+                start - begin,
+                start - begin + seconds,
+                facecolor="none",
+                edgecolor="black",
+                hatch="//",
+                lw=0,
+                label=f"longest gap {seconds:.2f} s",
+            )
+        ax.set_xlim(0, len(unique))
+        ax.set_xlabel("seconds since publishing started")
+        ax.set_ylabel("tasks completed per second")
+        ax.set_title(title)
+        ax.set_ylim(0, max([*every, 1]) * 1.1)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+        ax.grid(axis="y", alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path, format="png")
+    finally:
+        plt.close(fig)
