@@ -2,7 +2,8 @@
 
 Used by the integration tests and by ``python -m localcluster`` (``make local``).
 
-Every worker is ``celery -A app.celery worker --pool threads ...`` run as a
+Every worker is ``celery -A app.celery worker --pool threads ...`` (or another
+Celery app module: ``Workers(app=...)``, the benchmark runs the article's) run as a
 subprocess in its own session (``start_new_session=True``), so its whole
 process group can be signalled; every process carries a per-``Workers``
 marker in its environment so stragglers can be found and killed.
@@ -151,6 +152,7 @@ class Workers:
         step_seconds: float = 0.01,
         pool: str = "threads",
         heartbeat: int = 10,
+        app: str = "app.celery",
     ) -> None:
         self.broker_urls = list(broker_urls)
         self.queue = queue
@@ -161,6 +163,7 @@ class Workers:
         self.step_seconds = step_seconds
         self.pool = pool
         self.heartbeat = heartbeat
+        self.app = app
         self.marker = uuid.uuid4().hex
         self.procs: list[WorkerProc] = []
         self._schedulers: list[SchedulerProc] = []
@@ -197,7 +200,7 @@ class Workers:
         cmd = [
             str(CELERY_BIN),
             "-A",
-            "app.celery",
+            self.app,
             "worker",
             "--pool",
             self.pool,
