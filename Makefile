@@ -28,6 +28,16 @@ test: setup lint typecheck
 preview up destroy: setup-cloud
 	$(VENV_PY) -m tools.stack $@ --stack $(STACK)
 
+# What the program would register for a stack, as files, without credentials or
+# the Pulumi CLI (the program under mocks, secrets redacted): out/plan/$(STACK)/.
+.PHONY: plan plans
+plan: setup-cloud
+	$(VENV_PY) -m tools.plan --stack $(STACK)
+
+# Every stack: what the policy tests and the security scan read.
+plans: setup-cloud
+	$(VENV_PY) -m tools.plan
+
 # The whole system on this machine (3 RabbitMQ nodes, Celery workers), one fault
 # midway, and the numbers: out/local/report.json and out/local/timeline.png.
 #   make local ARGS="--fault broker-kill"      (see: .venv/bin/python -m localcluster --help)

@@ -3,6 +3,9 @@
 No Pulumi CLI, no provider plugin, no cloud: the program's resource graph,
 every input, and the options the engine would see (protect, parent, provider)
 are captured from the mock monitor, in one fresh Pulumi runtime per run.
+
+Used by the tests (through ``tests/program.py``) and by ``make plan``
+(:mod:`tools.plan`), which writes what a run registered to ``out/plan/``.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import runpy
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +58,8 @@ class Registered:
     provider: str
     retain_on_delete: bool
     additional_secret_outputs: list[str]
+    # The keys the program passed (``inputs`` also holds what the mocks computed).
+    input_keys: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -100,7 +105,16 @@ def manifest(r: Registered) -> dict[str, Any]:
     return {k: v for k, v in r.inputs.items() if not k.startswith("__")}
 
 
+def repeated_x(name: str, length: int) -> str:
+    """What a RandomPassword's ``result`` is under the mocks unless told otherwise."""
+    return "x" * length
+
+
 class _Mocks(pulumi.runtime.Mocks):
+    def __init__(self, random_result: Callable[[str, int], str] = repeated_x) -> None:
+        super().__init__()
+        self.random_result = random_result
+
     def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str | None, dict]:
         outputs = dict(args.inputs)
         if args.typ == "gcp:container/cluster:Cluster":
@@ -115,7 +129,7 @@ class _Mocks(pulumi.runtime.Mocks):
                 f"{args.inputs['accountId']}@{TEST_GCP_PROJECT}.iam.gserviceaccount.com"
             )
         elif args.typ == "random:index/randomPassword:RandomPassword":
-            outputs["result"] = "x" * int(args.inputs.get("length", 16))
+            outputs["result"] = self.random_result(args.name, int(args.inputs.get("length", 16)))
         elif args.typ == "gcp:artifactregistry/repository:Repository":
             outputs["repositoryId"] = args.inputs.get("repositoryId", args.name)
         elif args.typ == "docker-build:index:Image":
@@ -156,6 +170,7 @@ class _RecordingMonitor(pulumi_mocks.MockMonitor):
                     provider=request.provider,
                     retain_on_delete=request.retainOnDelete,
                     additional_secret_outputs=list(request.additionalSecretOutputs),
+                    input_keys=sorted(request.object.fields.keys()),
                 )
             )
         return response
@@ -165,14 +180,22 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def run_program(config: Mapping[str, Any], stack: str = "dev") -> ProgramRun:
-    """Run __main__.py once with `config` (full keys -> values) under mocks."""
+def run_program(
+    config: Mapping[str, Any],
+    stack: str = "dev",
+    *,
+    random_result: Callable[[str, int], str] = repeated_x,
+) -> ProgramRun:
+    """Run __main__.py once with `config` (full keys -> values) under mocks.
+
+    ``random_result(name, length)`` is the ``result`` of each RandomPassword.
+    """
     run = ProgramRun(stack=stack)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
         pulumi_settings.set_root_resource(None)  # type: ignore[arg-type]
-        mocks = _Mocks()
+        mocks = _Mocks(random_result)
         pulumi.runtime.set_mocks(
             mocks,
             project=PROJECT,
