@@ -20,10 +20,16 @@ lint: setup-cloud
 typecheck: setup-cloud
 	$(VENV_PY) -m mypy .
 
-# Everything CI runs: lint, type check, unit/mocks/schema tests and the
-# real-RabbitMQ integration tests.
-test: setup lint typecheck
+# Everything CI runs: lint, type check, the policy pack's tests, unit/mocks/schema
+# tests and the real-RabbitMQ integration tests.
+test: setup lint typecheck policy-test
 	$(VENV_PY) -m pytest
+
+# The policy pack's rules, each on a passing and a violating resource, and on
+# every resource the program registers (read from `make plans`). Its own venv.
+.PHONY: policy-test
+policy-test: setup-cloud plans
+	.venv-policy/bin/python -m pytest policy/tests
 
 preview up destroy: setup-cloud
 	$(VENV_PY) -m tools.stack $@ --stack $(STACK)

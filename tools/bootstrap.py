@@ -1,8 +1,16 @@
 #!/usr/bin/env python3
-"""Set up a checkout on a fresh Debian/Ubuntu machine: virtualenv, locked packages, RabbitMQ.
+"""Set up a checkout on a fresh Debian/Ubuntu machine: virtualenvs, locked packages, RabbitMQ.
 
 Standard library only: it runs before the virtualenv exists. Idempotent and
-quick when nothing changed (the lock file's hash is stamped into the venv).
+quick when nothing changed (each lock file's hash is stamped into its venv).
+
+Three virtualenvs, because their locked dependencies conflict:
+
+* ``.venv``         the program, its tests and the tools (requirements-dev.txt);
+* ``.venv-policy``  the Pulumi policy pack (policy/requirements.txt: pulumi-policy
+  needs protobuf < 5.30, the program's pulumi is locked with protobuf 6);
+* ``.venv-scan``    the checkov security scan (requirements-scan.txt: checkov pins
+  packaging < 24, pulumi needs >= 26).
 """
 
 from __future__ import annotations
@@ -19,6 +27,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv"
 LOCK = ROOT / "requirements-dev.txt"
+# (virtualenv, its lock file); the first is the main one and holds uv.
+VENVS = (
+    (VENV, LOCK),
+    (ROOT / ".venv-policy", ROOT / "policy" / "requirements.txt"),
+    (ROOT / ".venv-scan", ROOT / "requirements-scan.txt"),
+)
 # uv installs the hash-locked set in seconds; pinned like everything else.
 UV_VERSION = "0.13.9"
 RABBITMQ_SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
@@ -42,28 +56,30 @@ def ensure_python() -> None:
         )
 
 
-def ensure_venv() -> Path:
-    python = VENV / "bin" / "python"
+def ensure_venv(path: Path = VENV, *, with_pip: bool = True) -> Path:
+    python = path / "bin" / "python"
     if not python.exists():
-        say(f"creating the virtualenv {VENV}")
+        say(f"creating the virtualenv {path}")
         try:
-            venv.EnvBuilder(with_pip=True).create(VENV)
+            venv.EnvBuilder(with_pip=with_pip).create(path)
         except subprocess.CalledProcessError:
             sys.exit("[bootstrap] could not create a virtualenv: apt-get install -y python3-venv")
     return python
 
 
-def ensure_packages(python: Path) -> None:
-    stamp = VENV / ".requirements-dev.sha256"
-    digest = hashlib.sha256(LOCK.read_bytes()).hexdigest()
+def ensure_packages(python: Path, lock: Path = LOCK) -> None:
+    """`uv pip sync` the lock into the venv of `python`, unless its hash is stamped there."""
+    venv_dir = python.parent.parent
+    stamp = venv_dir / f".{lock.stem}.sha256"
+    digest = hashlib.sha256(lock.read_bytes()).hexdigest()
     if stamp.exists() and stamp.read_text() == digest:
         return
     uv = VENV / "bin" / "uv"
     if not uv.exists():
         say(f"installing uv {UV_VERSION}")
-        run(python, "-m", "pip", "install", "--quiet", f"uv=={UV_VERSION}")
-    say(f"installing the locked packages from {LOCK.name}")
-    run(uv, "pip", "sync", "--quiet", "--python", python, LOCK)
+        run(VENV / "bin" / "python", "-m", "pip", "install", "--quiet", f"uv=={UV_VERSION}")
+    say(f"installing the locked packages from {lock.relative_to(ROOT)} into {venv_dir.name}")
+    run(uv, "pip", "sync", "--quiet", "--python", python, lock)
     stamp.write_text(digest)
 
 
@@ -95,7 +111,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     ensure_python()
-    ensure_packages(ensure_venv())
+    for path, lock in VENVS:
+        # Only the main venv needs pip (to install uv); uv installs the others.
+        ensure_packages(ensure_venv(path, with_pip=path == VENV), lock)
     if not args.no_rabbitmq:
         ensure_rabbitmq()
 
