@@ -1,0 +1,1 @@
+"""``python -m bench`` (``make bench``): the article's configuration against ours, measured."""

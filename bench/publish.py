@@ -1,0 +1,107 @@
+"""One producer, N ``count`` tasks, timed: ``python -m bench.publish --config article|ours``.
+
+The same loop for both configurations (the loop of ``app.scheduler``: one
+producer from the app's pool, ``count.apply_async(..., producer=producer)``), so
+only the Celery configuration differs:
+
+* ``ours``: ``app.celery`` (``celery_config(WorkerSettings.from_env())``, publisher
+  confirms and the long retry policy; a call returns once RabbitMQ confirmed);
+* ``article``: ``bench.article_app`` (Celery's defaults; a call returns once the
+  message is written to the socket).
+
+A task id is appended to ``--ids-file`` only after its ``apply_async`` returned
+without an exception: what the producer believes it published.  The timing goes
+to ``--result-file`` as JSON (wall-clock ``time.time()`` of the first and last
+publish, so it lines up with the ledger).  Broker URLs, queue and rotation come
+from the environment, as for the workers (``localcluster.workers.Workers.env``).
+Exit status 0 even if some publishes failed: the counts say so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+MAX_CONSECUTIVE_FAILURES = 50
+
+
+def _task(config: str) -> Any:
+    if config == "article":
+        from bench.article_app import count
+    else:
+        from app.tasks import count
+    return count
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.publish")
+    parser.add_argument("--config", choices=("article", "ours"), required=True)
+    parser.add_argument("--tasks", type=int, required=True)
+    parser.add_argument("--task-seconds", type=float, default=0.0, help="sleep per count step")
+    parser.add_argument("--rate", type=float, default=0.0, help="tasks/s, 0 = as fast as it can")
+    parser.add_argument("--ids-file", type=Path, required=True)
+    parser.add_argument("--result-file", type=Path, required=True)
+    args = parser.parse_args(argv)
+
+    count = _task(args.config)
+    app = count.app
+    published = failed = consecutive = 0
+    errors: list[str] = []
+    first = last = None
+    t0 = time.monotonic()
+    with args.ids_file.open("a", encoding="utf-8") as ids, app.producer_or_acquire() as producer:
+        # Connect (and declare) before the clock starts: the rate is the loop's.
+        producer.connection.ensure_connection(max_retries=3)
+        started = time.time()
+        for i in range(args.tasks):
+            if args.rate > 0:
+                ahead = t0 + i / args.rate - time.monotonic()
+                if ahead > 0:
+                    time.sleep(ahead)
+            task_id = str(uuid.uuid4())
+            try:
+                count.apply_async(
+                    kwargs={"step_seconds": args.task_seconds}, task_id=task_id, producer=producer
+                )
+            except Exception as exc:  # count it and go on, as a real scheduler would
+                failed += 1
+                consecutive += 1
+                if len(errors) < 5:
+                    errors.append(f"{task_id}: {exc!r}")
+                if consecutive >= MAX_CONSECUTIVE_FAILURES:
+                    break
+                continue
+            consecutive = 0
+            published += 1
+            now = time.time()
+            first = now if first is None else first
+            last = now
+            ids.write(task_id + "\n")
+            ids.flush()
+    ended = time.time()
+    elapsed = ended - started
+    result = {
+        "config": args.config,
+        "requested": args.tasks,
+        "published": published,
+        "failed": failed,
+        "errors": errors,
+        "started": started,
+        "first": first,
+        "last": last,
+        "ended": ended,
+        "elapsed_s": elapsed,
+        "rate": published / elapsed if elapsed > 0 else None,
+    }
+    args.result_file.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "errors"}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
