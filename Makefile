@@ -50,3 +50,11 @@ plans: setup-cloud
 .PHONY: local
 local: setup
 	$(VENV_PY) -m localcluster $(ARGS)
+
+# The article's configuration (ha-all mirrored classic queue, Celery defaults)
+# against ours on one local 3-node cluster, 3 runs each: out/bench/results.json,
+# out/bench/bench.png and a table.  About 10 minutes with the defaults.
+#   make bench ARGS="--runs 5 --sleep-tasks 1000"   (see: .venv/bin/python -m bench --help)
+.PHONY: bench
+bench: setup
+	$(VENV_PY) -m bench $(ARGS)
