@@ -10,8 +10,12 @@
 
    * ``broker-kill``: SIGKILL the RabbitMQ node worker ``w0`` is connected to
      (read from its TCP sockets; the article drained the node running rmq-0);
+   * ``broker-stop``: stop that node gracefully (SIGTERM: RabbitMQ's shutdown,
+     as when Kubernetes drains its machine);
    * ``worker-kill``: SIGKILL worker ``w0`` (its whole process group) while it
      runs tasks;
+   * ``worker-term``: SIGTERM worker ``w0`` while it runs tasks (Celery's warm
+     shutdown: it finishes and acks them) and wait for it to exit;
    * ``none``: nothing (the baseline);
 
    and ``--down-seconds`` later brings the node back (and waits until it has
@@ -36,6 +40,7 @@ import logging
 import math
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -62,7 +67,9 @@ from localcluster.workers import SchedulerProc, WorkerProc, Workers
 
 log = logging.getLogger("localcluster")
 
-FAULTS = ("broker-kill", "worker-kill", "none")
+FAULTS = ("broker-kill", "broker-stop", "worker-kill", "worker-term", "none")
+#: A warm shutdown waits for the running tasks (10 x --task-seconds each).
+WARM_SHUTDOWN_TIMEOUT = 120.0
 NODES = 3
 QUEUE = "localcluster"
 # Sized on a 2-core / 23 GB machine: 3 workers x 10 threads run 30 tasks of
@@ -233,10 +240,11 @@ class LocalRun:
                 deadline - time.monotonic(),
             )
             self.fault["at_completed"] = self.tail.completed()
-            if args.fault == "broker-kill":
-                self.broker_kill()
+            kind, how = args.fault.split("-")
+            if kind == "broker":
+                self.broker_fault(graceful=how == "stop")
             else:
-                self.worker_kill()
+                self.worker_fault(graceful=how == "term")
 
         self.phase = "draining" if args.fault == "none" else "after the fault"
         remaining = deadline - time.monotonic()
@@ -264,7 +272,10 @@ class LocalRun:
             self.check_scheduler()
             time.sleep(min(0.2, left))
 
-    def broker_kill(self) -> None:
+    def broker_fault(self, graceful: bool) -> None:
+        """SIGKILL (a crash) or SIGTERM (RabbitMQ's graceful shutdown, as a
+        drained Kubernetes node) the RabbitMQ node worker w0 is connected to;
+        ``--down-seconds`` later start it again and wait until it has rejoined."""
         assert self.cluster is not None and self.workers is not None
         victim = self.workers.procs[0]
         nodes = connected_nodes(victim.pid, self.cluster.amqp_ports)
@@ -279,11 +290,13 @@ class LocalRun:
         # are redelivered (and w0's copies finish anyway: duplicates).
         self.fault["in_flight_ids"] = sorted(self.tail.in_flight(victim.nodename_prefix))
         self.marks["fault"] = time.time()
-        self.cluster.kill_node(node)
+        verb = "stopped (SIGTERM, graceful)" if graceful else "SIGKILLed"
         self.say(
-            f"FAULT: SIGKILLed RabbitMQ node rmq{node} (worker {victim.name} is connected "
+            f"FAULT: {verb} RabbitMQ node rmq{node} (worker {victim.name} is connected "
             f"to it, by {how}) with {self.tail.completed()} tasks completed"
         )
+        self.cluster.stop_node(node, graceful=graceful)
+        self.fault["stop_s"] = round(time.time() - self.marks["fault"], 2)
         self._sleep(self.args.down_seconds)
         self.phase = f"rmq{node} restarting"
         self.marks["restart"] = time.time()
@@ -294,7 +307,10 @@ class LocalRun:
         self.fault["rejoin_s"] = round(self.marks["rejoin"] - self.marks["restart"], 2)
         self.say(f"rmq{node} rejoined the cluster {self.fault['rejoin_s']:.1f} s after restart")
 
-    def worker_kill(self) -> None:
+    def worker_fault(self, graceful: bool) -> None:
+        """SIGKILL worker w0's process group mid-task (a machine dying), or
+        SIGTERM it (Celery's warm shutdown, what Kubernetes sends first) and wait
+        for it to exit; ``--down-seconds`` later start a replacement."""
         assert self.workers is not None
         victim = self.workers.procs[0]
         prefix = victim.nodename_prefix
@@ -306,14 +322,27 @@ class LocalRun:
         self.tail.poll()
         in_flight = sorted(self.tail.in_flight(prefix))
         self.fault.update(target=victim.name, pid=victim.pid)
-        self.phase = f"{victim.name} DEAD"
+        self.phase = f"{victim.name} DEAD" if not graceful else f"{victim.name} stopping"
         self.marks["fault"] = time.time()
-        victim.kill()  # SIGKILL the process group: no warm shutdown, no ack
         self.fault["in_flight_ids"] = in_flight
+        verb = "SIGTERMed (warm shutdown)" if graceful else "SIGKILLed"
         self.say(
-            f"FAULT: SIGKILLed worker {victim.name} (pid {victim.pid}) with "
+            f"FAULT: {verb} worker {victim.name} (pid {victim.pid}) with "
             f"{len(in_flight)} tasks in flight, {self.tail.completed()} completed"
         )
+        if graceful:
+            victim.terminate()  # stop consuming, finish and ack what runs, exit
+            try:
+                self.fault["exit_status"] = victim.wait(timeout=WARM_SHUTDOWN_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.say(f"{victim.name} still running {WARM_SHUTDOWN_TIMEOUT:.0f} s after SIGTERM")
+                victim.kill()
+                self.fault["exit_status"] = "killed after timeout"
+            self.fault["stop_s"] = round(time.time() - self.marks["fault"], 2)
+            self.phase = f"{victim.name} DEAD"
+        else:
+            victim.kill()  # SIGKILL the process group: no warm shutdown, no ack
+            self.fault["exit_status"] = victim.proc.returncode
         self._sleep(self.args.down_seconds)
         self.phase = f"{victim.name} restarting"
         self.marks["restart"] = time.time()
@@ -514,7 +543,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=FAULTS,
         default="broker-kill",
         help="broker-kill: SIGKILL the RabbitMQ node worker w0 is connected to; "
-        "worker-kill: SIGKILL worker w0 mid-task; none: no fault",
+        "broker-stop: stop that node gracefully (SIGTERM); "
+        "worker-kill: SIGKILL worker w0 mid-task; "
+        "worker-term: SIGTERM worker w0 (warm shutdown) mid-task; none: no fault",
     )
     parser.add_argument(
         "--workers",
