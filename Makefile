@@ -16,6 +16,7 @@ setup-cloud:
 lint: setup-cloud
 	$(VENV_PY) -m ruff check .
 	$(VENV_PY) -m ruff format --check .
+	.venv/bin/actionlint -no-color -shellcheck .venv/bin/shellcheck -pyflakes "" .github/workflows/*.yml
 
 typecheck: setup-cloud
 	$(VENV_PY) -m mypy .
