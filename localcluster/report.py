@@ -238,7 +238,7 @@ def plot_timeline(
     title: str,
 ) -> None:
     """Completions per second (unique, and re-executions on top), the fault,
-    the restart and the rejoin marked, the longest gap shaded."""
+    the restart and the rejoin marked, ``gap`` (seconds, start) hatched."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -280,7 +280,7 @@ def plot_timeline(
                 edgecolor="black",
                 hatch="//",
                 lw=0,
-                label=f"longest gap {seconds:.2f} s",
+                label=f"failover gap {seconds:.2f} s",
             )
         ax.set_xlim(0, len(unique))
         ax.set_xlabel("seconds since publishing started")
