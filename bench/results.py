@@ -54,6 +54,7 @@ def spread(values: Sequence[float | None]) -> dict[str, Any]:
         "min": min(present) if present else None,
         "max": max(present) if present else None,
         "n": len(present),
+        "total": sum(present) if present else None,
     }
 
 
@@ -127,14 +128,22 @@ def _num(value: float | None, digits: int) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
-def _cell(stats: dict[str, Any], m: Metric) -> str:
+def _cell(stats: dict[str, Any], m: Metric, published: int = 0) -> str:
     if stats["median"] is None:
         return "-"
     unit = "" if m.unit == "tasks" else f" {m.unit}"
     text = f"{_num(stats['median'], m.digits)}{unit}"
     if stats["n"] > 1:
         text += f" ({_num(stats['min'], m.digits)}-{_num(stats['max'], m.digits)})"
+    if m.unit == "tasks" and stats["n"] > 1:
+        # A median of 0 would hide a run that lost tasks: the total says it.
+        text += f"; total {_num(stats['total'], 0)} of {published:,}"
     return text
+
+
+def failover_published(config: dict[str, Any]) -> int:
+    """Tasks published during the node kills, over every run."""
+    return sum(int(r.get("failover", {}).get("published", 0)) for r in config["runs"])
 
 
 def _versus(m: Metric, a: float | None, o: float | None) -> str:
@@ -144,7 +153,7 @@ def _versus(m: Metric, a: float | None, o: float | None) -> str:
         change = (o - a) / a * 100
         return f"{o / a:.2f}x ({change:+.0f} %)"
     diff = o - a
-    return f"{diff:+,.{m.digits}f}" if diff else "same"
+    return f"{diff:+,.{m.digits}f} in total" if diff else "same"
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -158,8 +167,15 @@ def format_table(results: dict[str, Any]) -> str:
     for m in METRICS:
         a = configs["article"]["summary"][m.key]
         o = configs["ours"]["summary"][m.key]
-        versus = _versus(m, a["median"], o["median"])
-        lines.append(f"| {m.label} | {_cell(a, m)} | {_cell(o, m)} | {versus} |")
+        if m.unit == "tasks":  # counts: compare the totals over all runs
+            versus = _versus(m, a["total"], o["total"])
+        else:
+            versus = _versus(m, a["median"], o["median"])
+        cells = [
+            _cell(configs[k]["summary"][m.key], m, failover_published(configs[k]))
+            for k in CONFIG_KEYS
+        ]
+        lines.append(f"| {m.label} | {cells[0]} | {cells[1]} | {versus} |")
         if m.key == "sleep_drain_s":
             ideal = [_ideal_text(configs[k]) for k in CONFIG_KEYS]
             lines.append(f"| sleeping workload: ideal | {ideal[0]} | {ideal[1]} | |")

@@ -18,10 +18,11 @@ its own vhost so they never share a queue or a policy:
 Each run, for each configuration (runs interleave the two, so a load spike on a
 shared machine hits both): one set of 3 workers, and in order
 
-1. ``publish``: one producer publishes ``--publish-tasks`` no-op tasks, no worker
-   running: publish rate (tasks/s, the producer's loop);
-2. ``drain``: the 3 workers start on that full queue: drain rate (tasks/s, counted
-   once all 3 workers are completing, see :func:`steady_rate`);
+1. ``publish``: one producer publishes ``--publish-tasks`` no-op tasks while no
+   worker consumes (the 3 workers are up, told to cancel their consumer through
+   Celery's remote control): publish rate (tasks/s, the producer's loop);
+2. ``drain``: the 3 workers are told to consume again, all at once: drain rate
+   (tasks / seconds from that moment to the last completion);
 3. ``sleep``: the article's workload shape: ``--sleep-tasks`` tasks sleeping
    ``--sleep-seconds`` each, published to the idle workers: time from the first
    publish to the last completion, against ``tasks x seconds / slots``;
@@ -60,6 +61,7 @@ from types import FrameType
 from typing import Any
 from urllib.parse import quote
 
+from celery import Celery
 from kombu import Connection
 
 from app import ledger
@@ -193,46 +195,6 @@ def vhost_urls(urls: list[str], vhost: str) -> list[str]:
     return [u.rsplit("/", 1)[0] + "/" + quote(vhost, safe="") for u in urls]
 
 
-# ---------------------------------------------------------------------- measures
-def steady_rate(
-    finishes_by_worker: dict[str, list[float]], min_share: float = 0.1
-) -> tuple[float | None, dict[str, Any]]:
-    """Completions per second once every worker is completing tasks.
-
-    Workers boot at slightly different times on a pre-filled queue; counting from
-    the first completion would mix one-worker and three-worker throughput.  The
-    window starts at the latest "first completion" of any worker and ends at the
-    last completion.  If that window holds less than ``min_share`` of the
-    completions (tiny runs), the whole span is used instead (and said so).
-    """
-    everything = sorted(t for times in finishes_by_worker.values() for t in times)
-    if len(everything) < 2:
-        return None, {"window": "none", "completions": len(everything)}
-    start = max(min(times) for times in finishes_by_worker.values() if times)
-    end = everything[-1]
-    inside = [t for t in everything if t > start]
-    if end - start > 0 and len(inside) >= max(2, min_share * len(everything)):
-        return len(inside) / (end - start), {
-            "window": "all workers completing",
-            "window_s": round(end - start, 3),
-            "completions": len(inside),
-        }
-    span = end - everything[0]
-    return (len(everything) - 1) / span if span > 0 else None, {
-        "window": "first to last completion (all-workers window too small)",
-        "window_s": round(span, 3),
-        "completions": len(everything),
-    }
-
-
-def finishes_by_worker(events: list[Any], ids: set[str]) -> dict[str, list[float]]:
-    found: dict[str, list[float]] = {}
-    for e in events:
-        if e.event == ledger.FINISH and e.task_id in ids:
-            found.setdefault(e.worker.split("@", 1)[0], []).append(e.ts)
-    return found
-
-
 # --------------------------------------------------------------------- the bench
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
@@ -342,8 +304,18 @@ class Bench:
         tail = LedgerTail(workdir / "ledger.jsonl")
         try:
             self.delete_queue(cfg)
+            # The workers first, told to stop consuming: publishing meets no consumer,
+            # and the drain starts on all three at once (a worker that boots later
+            # than the others would otherwise drain alone for a while).
+            self.say(f"{where}: start {WORKERS} workers ({cfg.pool} x {cfg.concurrency})")
+            t0 = time.monotonic()
+            self.workers.start_many([f"w{i}" for i in range(WORKERS)], timeout=120)
+            self.snapshot_pids()
+            result["workers_ready_s"] = round(time.monotonic() - t0, 2)
+            self.set_consuming(cfg, False)
+
             # 1. publish, nobody consuming
-            self.say(f"{where}: publish {args.publish_tasks} no-op tasks, no worker running")
+            self.say(f"{where}: publish {args.publish_tasks} no-op tasks, no worker consuming")
             pub = self.publish(cfg, "publish", args.publish_tasks, 0.0, 0.0, workdir, where)
             ids = set(pub["ids"])
             result["publish"] = {k: v for k, v in pub.items() if k != "ids"}
@@ -352,25 +324,23 @@ class Bench:
             if run == 1:
                 self.checks[cfg.key] = self.check_queue(cfg)
 
-            # 2. drain: 3 workers on the full queue
-            self.say(f"{where}: start {WORKERS} workers ({cfg.pool} x {cfg.concurrency}), drain")
+            # 2. drain: the 3 workers on the full queue
+            self.say(f"{where}: drain: {WORKERS} workers consume again")
             self.status_line = lambda: self._line(where, "drain", tail, ids)
-            t0 = time.monotonic()
-            self.workers.start_many([f"w{i}" for i in range(WORKERS)], timeout=120)
-            self.snapshot_pids()
-            result["workers_ready_s"] = round(time.monotonic() - t0, 2)
+            drain_from = time.time()
+            self.set_consuming(cfg, True)
             self.wait_all(tail, ids, args.timeout, f"{where} drain")
             events = read_events(tail.path)
-            rate, window = steady_rate(finishes_by_worker(events, ids))
-            result["drain_rate"] = rate
-            result["drain"] = {"tasks": len(ids), **window}
+            last = max(e.ts for e in events if e.event == ledger.FINISH and e.task_id in ids)
+            result["drain_rate"] = len(ids) / (last - drain_from)
+            result["drain"] = {"tasks": len(ids), "drain_s": last - drain_from}
 
             # 3. the article's workload shape, on the idle workers
             slots = WORKERS * cfg.concurrency
             ideal = args.sleep_tasks * args.sleep_seconds / slots
             self.say(
                 f"{where}: {args.sleep_tasks} tasks x {args.sleep_seconds} s on {slots} slots "
-                f"(ideal {ideal:.1f} s)"
+                f"(ideal {ideal:.2f} s)"
             )
             step = args.sleep_seconds / COUNT_STEPS
             sleep_pub = self.start_publisher(cfg, "sleep", args.sleep_tasks, step, 0.0, workdir)
@@ -622,6 +592,37 @@ class Bench:
     def _connection(self, cfg: Config) -> Connection:
         return Connection(self.urls[cfg.key], connect_timeout=5, failover_strategy="round-robin")
 
+    def set_consuming(self, cfg: Config, on: bool, timeout: float = 30) -> None:
+        """Every worker stops (or starts again) consuming from the queue: Celery's
+        remote control (``cancel_consumer`` / ``add_consumer``, broadcast), then the
+        queue's consumer count confirms it."""
+        control = Celery(
+            f"bench-control-{cfg.key}", broker=self.urls[cfg.key], set_as_current=False
+        )
+        try:
+            command = control.control.add_consumer if on else control.control.cancel_consumer
+            replies = command(cfg.queue, reply=True, timeout=5)
+        finally:
+            control.close()
+        want = WORKERS if on else 0
+        deadline = time.monotonic() + timeout
+        while (count := self.consumers(cfg)) != want:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{cfg.key}: {count} consumers on {cfg.queue}, expected {want} "
+                    f"(remote control replies: {replies})"
+                )
+            time.sleep(0.05)
+
+    def consumers(self, cfg: Config) -> int:
+        with self._connection(cfg) as conn:
+            channel = conn.channel()
+            try:
+                return int(channel.queue_declare(cfg.queue, passive=True).consumer_count)
+            finally:
+                with contextlib.suppress(Exception):
+                    channel.close()
+
     def queue_depth(self, cfg: Config, expected: int, timeout: float = 10) -> int | None:
         """Messages in the queue (passive declare), waiting up to ``timeout`` for
         ``expected`` (an unconfirmed publish can still be on its way)."""
@@ -718,7 +719,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add(
         "--publish-tasks",
         type=_positive_int,
-        default=2000,
+        default=5000,
         help="no-op tasks published, then drained",
     )
     add("--sleep-tasks", type=_positive_int, default=300, help="tasks of the sleeping workload")
