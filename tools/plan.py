@@ -170,10 +170,8 @@ def run_stack(stack: str) -> ProgramRun:
     return run
 
 
-def write_plan(stack: str, out: Path) -> list[Path]:
-    """Write ``out/<stack>/`` afresh (stale files of a removed object must go)."""
-    files = plan_files(run_stack(stack))
-    target = out / stack
+def write_files(files: dict[str, str], target: Path) -> list[Path]:
+    """Write ``target/`` afresh (stale files of a removed object must go)."""
     if target.exists():
         shutil.rmtree(target)
     written = []
@@ -183,6 +181,11 @@ def write_plan(stack: str, out: Path) -> list[Path]:
         path.write_text(content)
         written.append(path)
     return written
+
+
+def write_plan(stack: str, out: Path) -> list[Path]:
+    """Run the program for `stack` and write ``out/<stack>/``."""
+    return write_files(plan_files(run_stack(stack)), out / stack)
 
 
 def stacks() -> list[str]:
