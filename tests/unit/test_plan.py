@@ -8,10 +8,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
 
-from tests.program import ProgramRun, is_secret, stack_names
+from components.config import load_stack_config
+from tests.program import ProgramRun, is_secret, stack_config, stack_names
 from tools import plan
 from tools.mockrun import reveal
 
@@ -146,6 +148,21 @@ def test_non_secret_fields_are_written_as_the_program_sets_them(
     # The keys are shown (a diff sees one added), the values are not.
     assert ".erlang.cookie" in secret["data"]
     assert set(secret["data"].values()) == {plan.REDACTED}
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_written_manifests_are_valid_kubernetes_objects(
+    stack: str, planned: dict[str, tuple[ProgramRun, Path]]
+) -> None:
+    """What reviewers read and checkov scans is applicable as it is (strict schema)."""
+    _, directory = planned[stack]
+    version = load_stack_config(stack_config(stack), stack).kubernetes.version
+    for path in sorted((directory / "kubernetes").glob("*.yaml")):
+        manifest = yaml.safe_load(path.read_text())
+        try:
+            kubernetes_validate.validate(manifest, version, strict=True)
+        except kubernetes_validate.ValidationError as error:
+            raise AssertionError(f"{path.name}: {error.message}") from None
 
 
 @pytest.mark.parametrize("stack", STACKS)
