@@ -236,6 +236,7 @@ def plot_timeline(
     marks: dict[str, float],
     gap: tuple[float, float | None],
     title: str,
+    gap_label: str = "failover gap",
 ) -> None:
     """Completions per second (unique, and re-executions on top), the fault,
     the restart and the rejoin marked, ``gap`` (seconds, start) hatched."""
@@ -280,7 +281,7 @@ def plot_timeline(
                 edgecolor="black",
                 hatch="//",
                 lw=0,
-                label=f"failover gap {seconds:.2f} s",
+                label=f"{gap_label} {seconds:.2f} s",
             )
         ax.set_xlim(0, len(unique))
         ax.set_xlabel("seconds since publishing started")

@@ -480,7 +480,8 @@ class LocalRun:
         (self.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         title = (
             f"{args.fault}: {counts['completed']}/{len(ids)} completed, lost {counts['lost']}, "
-            f"{counts['duplicate_ids']} duplicates, failover gap {gap[0]:.2f} s"
+            f"{counts['duplicate_ids']} duplicates, "
+            f"{'longest' if fault_at is None else 'failover'} gap {gap[0]:.2f} s"
         )
         plot_timeline(
             self.out / "timeline.png",
@@ -491,6 +492,7 @@ class LocalRun:
             marks={k: v for k, v in self.marks.items() if k in ("fault", "restart", "rejoin")},
             gap=gap,
             title=title,
+            gap_label="longest gap" if fault_at is None else "failover gap",
         )
         return report
 
@@ -690,7 +692,8 @@ def main(argv: list[str] | None = None) -> int:
     run.say(
         f"{report['fault']}: submitted {report['submitted']}, completed "
         f"{report['completed_unique']}, lost {report['lost']}, duplicates "
-        f"{report['duplicates']}, failover gap {report['failover_gap_s']} s, rejoin "
+        f"{report['duplicates']}, {'longest' if args.fault == 'none' else 'failover'} gap "
+        f"{report['failover_gap_s']} s, rejoin "
         f"{report['rejoin_s']} s, throughput {report['throughput_per_s']}; "
         f"wrote {run.out / 'report.json'} and {run.out / 'timeline.png'}"
     )
