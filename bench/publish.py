@@ -9,6 +9,9 @@ only the Celery configuration differs:
 * ``article``: ``bench.article_app`` (Celery's defaults; a call returns once the
   message is written to the socket).
 
+``--confirms on|off`` overrides the configuration's publisher confirms, and
+nothing else, to measure what they cost.
+
 A task id is appended to ``--ids-file`` only after its ``apply_async`` returned
 without an exception: what the producer believes it published.  The timing goes
 to ``--result-file`` as JSON (wall-clock ``time.time()`` of the first and last
@@ -44,12 +47,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", type=int, required=True)
     parser.add_argument("--task-seconds", type=float, default=0.0, help="sleep per count step")
     parser.add_argument("--rate", type=float, default=0.0, help="tasks/s, 0 = as fast as it can")
+    parser.add_argument(
+        "--confirms",
+        choices=("as-configured", "on", "off"),
+        default="as-configured",
+        help="override the configuration's publisher confirms (to see what they cost)",
+    )
     parser.add_argument("--ids-file", type=Path, required=True)
     parser.add_argument("--result-file", type=Path, required=True)
     args = parser.parse_args(argv)
 
     count = _task(args.config)
     app = count.app
+    if args.confirms != "as-configured":  # before the first connection is made
+        options = dict(app.conf.broker_transport_options or {})
+        options["confirm_publish"] = args.confirms == "on"
+        app.conf.broker_transport_options = options
+    confirms = bool((app.conf.broker_transport_options or {}).get("confirm_publish", False))
     published = failed = consecutive = 0
     errors: list[str] = []
     first = last = None
@@ -87,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = ended - started
     result = {
         "config": args.config,
+        "confirm_publish": confirms,
         "requested": args.tasks,
         "published": published,
         "failed": failed,
