@@ -38,7 +38,15 @@ from typing import Any
 
 import yaml
 
-from tools.mockrun import ROOT, ProgramRun, Registered, is_secret, run_program, stack_config
+from tools.mockrun import (
+    ROOT,
+    ProgramRun,
+    Registered,
+    is_secret,
+    run_program,
+    stack_config,
+    stack_names,
+)
 
 REDACTED = "[secret]"
 DEFAULT_OUT = ROOT / "out" / "plan"
@@ -188,10 +196,6 @@ def write_plan(stack: str, out: Path) -> list[Path]:
     return write_files(plan_files(run_stack(stack)), out / stack)
 
 
-def stacks() -> list[str]:
-    return sorted(p.name[len("Pulumi.") : -len(".yaml")] for p in ROOT.glob("Pulumi.*.yaml"))
-
-
 def main(argv: Iterable[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.plan", description=__doc__)
     parser.add_argument(
@@ -201,7 +205,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="default: out/plan")
     args = parser.parse_args(None if argv is None else list(argv))
-    known = stacks()
+    known = stack_names()
     chosen = args.stack or known
     unknown = [s for s in chosen if s not in known]
     if unknown:
