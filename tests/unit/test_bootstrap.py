@@ -1,0 +1,46 @@
+"""tools/bootstrap.py: three hash-locked virtualenvs, each synced only when its lock changed."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from tools import bootstrap
+
+
+def test_every_venv_has_a_hash_locked_requirements_file() -> None:
+    assert [v.name for v, _ in bootstrap.VENVS] == [".venv", ".venv-policy", ".venv-scan"]
+    for _, lock in bootstrap.VENVS:
+        pins = re.findall(r"^([A-Za-z0-9_.-]+)==\S+ \\$", lock.read_text(), re.MULTILINE)
+        assert pins, f"{lock.name}: no pinned requirement"
+        # Every pin is followed by its hashes: uv/pip then refuse anything else.
+        blocks = re.split(r"^(?=[A-Za-z0-9_.-]+==)", lock.read_text(), flags=re.MULTILINE)
+        for block in blocks[1:]:
+            assert "--hash=sha256:" in block, f"{lock.name}: {block.splitlines()[0]} has no hash"
+
+
+def test_a_venv_is_synced_once_per_lock_content(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    venv = tmp_path / ".venv-x"
+    python = venv / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    lock = tmp_path / "requirements-x.txt"
+    lock.write_text("a==1 \\\n    --hash=sha256:00\n")
+    calls: list[tuple[str, ...]] = []
+    monkeypatch.setattr(bootstrap, "run", lambda *args, **_: calls.append(tuple(map(str, args))))
+    monkeypatch.setattr(bootstrap, "VENV", tmp_path / ".venv-main")
+    (tmp_path / ".venv-main" / "bin").mkdir(parents=True)
+    (tmp_path / ".venv-main" / "bin" / "uv").touch()
+    monkeypatch.setattr(bootstrap, "ROOT", tmp_path)
+
+    bootstrap.ensure_packages(python, lock)
+    bootstrap.ensure_packages(python, lock)
+    assert len(calls) == 1 and "sync" in calls[0] and str(lock) in calls[0]
+    assert (venv / ".requirements-x.sha256").exists()
+
+    lock.write_text("a==2 \\\n    --hash=sha256:11\n")
+    bootstrap.ensure_packages(python, lock)
+    assert len(calls) == 2
