@@ -147,6 +147,16 @@ def deployment(config: StackConfig, image: pulumi.Input[str]) -> Manifest:
             "timeoutSeconds": 10,
             "failureThreshold": 3,
         },
+        # Ready once the worker has booted far enough to run its consumer loop (the
+        # heartbeat file, in a per-pod emptyDir, exists and is fresh): a rollout
+        # (maxUnavailable 0) stops an old worker only after its replacement got there.
+        "readinessProbe": {
+            "exec": {"command": ["python", "-m", "app.liveness", "--max-age", "60"]},
+            "initialDelaySeconds": 5,
+            "periodSeconds": 10,
+            "timeoutSeconds": 10,
+            "failureThreshold": 3,
+        },
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
     }
     return {

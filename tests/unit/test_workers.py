@@ -65,9 +65,10 @@ def test_liveness_does_not_depend_on_the_broker() -> None:
     container = workers.deployment(_config("dev"), "img:1")["spec"]["template"]["spec"][
         "containers"
     ][0]
-    command = container["livenessProbe"]["exec"]["command"]
-    assert command[:3] == ["python", "-m", "app.liveness"]
-    assert "inspect" not in command and "ping" not in command
+    for probe in ("livenessProbe", "readinessProbe"):
+        command = container[probe]["exec"]["command"]
+        assert command[:3] == ["python", "-m", "app.liveness"]
+        assert "inspect" not in command and "ping" not in command
 
 
 def test_grace_period_follows_the_longest_task() -> None:
