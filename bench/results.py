@@ -117,7 +117,7 @@ def build_results(
         "status": status,
         "problems": problems,
         "date": utc_now(),
-        "command": "python -m bench " + shlex.join(argv),
+        "command": " ".join(["python -m bench", shlex.join(argv)]).strip(),
         "machine": machine,
         "params": params,
         "timings_s": timings,

@@ -639,9 +639,9 @@ class Bench:
                 replies = command(cfg.queue, reply=True, timeout=5)
                 break
             except OSError as exc:
-                # Seen on 3.10.8 in the article's vhost, first broadcast after a node
-                # restart: the connection is reset while the reply queue (mirrored
-                # by ha-all; same name as an earlier broadcast's) is redeclared.
+                # Seen on 3.10.8, first broadcast of a run after a node restart (in
+                # both vhosts): the connection is reset while the reply queue, same
+                # name as an earlier broadcast's, is redeclared.  The next one works.
                 if attempt == 3:
                     raise
                 log.warning("remote control via %s failed (%r); retrying", cfg.key, exc)
