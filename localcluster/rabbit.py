@@ -312,6 +312,7 @@ class LocalRabbitCluster:
         *,
         disk_free_limit: str = "50MB",
         rabbitmq_home: Path = DEFAULT_RABBITMQ_HOME,
+        own_dist_source_addresses: bool = False,
     ) -> None:
         if size < 1:
             raise ValueError(f"size must be >= 1, got {size!r}")
@@ -327,6 +328,15 @@ class LocalRabbitCluster:
         self._own_base_dir = base_dir is None
         self.base_dir: Path | None = None if base_dir is None else Path(base_dir)
         self.node_names = [f"rmq{i}@localhost" for i in range(size)]
+        #: With ``own_dist_source_addresses``, node i opens its Erlang distribution
+        #: connections from its own loopback address (127.A.B.10+i, A.B random per
+        #: cluster), so a firewall rule can tell which node a connection comes from
+        #: and cut one node off from the others (``localcluster.partition``).
+        #: Every node still listens, and is reached, on 127.0.0.1.
+        self.dist_source_addresses: list[str] = []
+        if own_dist_source_addresses:
+            a, b = (1 + secrets.randbelow(254) for _ in range(2))
+            self.dist_source_addresses = [f"127.{a}.{b}.{10 + i}" for i in range(size)]
         self.amqp_ports: list[int] = []
         self.epmd_port = 0
         self._nodes: list[_Node] = []
@@ -343,6 +353,11 @@ class LocalRabbitCluster:
         if self._version is None:
             self._version = installed_version(self.rabbitmq_home)
         return self._version
+
+    @property
+    def dist_ports(self) -> list[int]:
+        """Erlang distribution listener port of each node (on 127.0.0.1)."""
+        return [n.dist_port for n in self._nodes]
 
     @property
     def management_ports(self) -> list[int]:
@@ -486,6 +501,11 @@ class LocalRabbitCluster:
                 ),
             }
         )
+        if self.dist_source_addresses:
+            ip = self.dist_source_addresses[node.index].replace(".", ",")
+            env["RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS"] += (
+                f" -kernel inet_dist_connect_options [{{ip,{{{ip}}}}}]"
+            )
         return env
 
     def _start_epmd(self) -> None:
@@ -676,6 +696,54 @@ class LocalRabbitCluster:
             self._wait_node_ready(node, t0 + timeout)
             self.wait_clustered(timeout=max(1.0, t0 + timeout - time.monotonic()))
             log.info("%s back and clustered after %.1f s", node.name, time.monotonic() - t0)
+
+    def start_nodes(self, indices: list[int] | None = None, timeout: float = 120) -> None:
+        """(Re)start the given stopped nodes (default: all) at once, with their data;
+        wait until every node sees all ``size`` running.
+
+        For a whole-cluster restart: RabbitMQ 3.x (Mnesia) makes a node wait for
+        the peers that were running when it stopped, and the last node to stop must
+        be among the first to start, so restarting them one by one
+        (:meth:`start_node` waits for the whole cluster) would wait for ever.
+        """
+        with self._lock:
+            self._require_prepared()
+            chosen = list(range(self.size)) if indices is None else list(indices)
+            for i in chosen:
+                if self.is_running(i):
+                    raise ClusterError(f"{self._nodes[i].name} is already running")
+            t0 = time.monotonic()
+            for i in chosen:
+                self._spawn(self._nodes[i])
+            for i in chosen:
+                self._wait_node_ready(self._nodes[i], t0 + timeout)
+            self.wait_clustered(timeout=max(1.0, t0 + timeout - time.monotonic()))
+            log.info("nodes %s back and clustered after %.1f s", chosen, time.monotonic() - t0)
+
+    def stop_nodes(
+        self, indices: list[int] | None = None, graceful: bool = True, timeout: float = 60
+    ) -> None:
+        """Stop the given nodes (default: all) at once: SIGTERM to every one (RabbitMQ's
+        graceful shutdown), wait for each, then SIGKILL whatever is left of them."""
+        with self._lock:
+            self._require_prepared()
+            chosen = list(range(self.size)) if indices is None else list(indices)
+            nodes = [self._nodes[i] for i in chosen if self._nodes[i].proc is not None]
+            if graceful:
+                for node in nodes:
+                    assert node.proc is not None
+                    log.info("stopping %s gracefully (SIGTERM)", node.name)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(node.proc.pid, signal.SIGTERM)
+                deadline = time.monotonic() + timeout
+                for node in nodes:
+                    assert node.proc is not None
+                    try:
+                        node.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                    except subprocess.TimeoutExpired:
+                        log.warning("%s ignored SIGTERM for %.0f s; killing it", node.name, timeout)
+            for node in nodes:
+                self._kill_node_processes(node)
 
     def stop_node(self, i: int, graceful: bool = True, timeout: float = 60) -> None:
         """Stop node i: SIGTERM (RabbitMQ's graceful shutdown) or SIGKILL."""
