@@ -16,10 +16,16 @@
      runs tasks;
    * ``worker-term``: SIGTERM worker ``w0`` while it runs tasks (Celery's warm
      shutdown: it finishes and acks them) and wait for it to exit;
+   * ``cluster-restart``: stop all three nodes gracefully with tasks queued,
+     start them again together (the persisted quorum-queue messages survive);
+   * ``partition``: cut the node ``w0`` is connected to off from the other two
+     (nftables rules on loopback, :mod:`localcluster.partition`; needs root):
+     the minority node pauses (``pause_minority``), its clients fail over;
    * ``none``: nothing (the baseline);
 
-   and ``--down-seconds`` later brings the node back (and waits until it has
-   rejoined the cluster) or starts a replacement worker (and waits until ready);
+   and ``--down-seconds`` later brings the node(s) back, or heals the
+   partition, (and waits until the cluster is whole again) or starts a
+   replacement worker (and waits until ready);
 5. waits until every confirmed task completed (or ``--timeout``), showing
    progress on stderr every second;
 6. stops every process it started, by PID (also on failure and on Ctrl-C or
@@ -52,7 +58,8 @@ from types import FrameType
 from typing import Any
 
 from app import ledger
-from localcluster.rabbit import ClusterError, LocalRabbitCluster, marked_pids
+from localcluster.partition import LoopbackPartition, PartitionUnavailableError, check_available
+from localcluster.rabbit import ClusterError, LocalRabbitCluster, _port_open, marked_pids
 from localcluster.report import (
     Event,
     LedgerTail,
@@ -67,7 +74,18 @@ from localcluster.workers import SchedulerProc, WorkerProc, Workers
 
 log = logging.getLogger("localcluster")
 
-FAULTS = ("broker-kill", "broker-stop", "worker-kill", "worker-term", "none")
+FAULTS = (
+    "broker-kill",
+    "broker-stop",
+    "worker-kill",
+    "worker-term",
+    "cluster-restart",
+    "partition",
+    "none",
+)
+#: How long the isolated node may take to pause once cut off (it notices at once:
+#: the rules reset its distribution connections).
+PAUSE_TIMEOUT = 60.0
 #: A warm shutdown waits for the running tasks (10 x --task-seconds each).
 WARM_SHUTDOWN_TIMEOUT = 120.0
 NODES = 3
@@ -99,6 +117,7 @@ class LocalRun:
         self.ids_file = self.logs / "ids.txt"
         self.tail = LedgerTail(self.ledger_path)
         self.cluster: LocalRabbitCluster | None = None
+        self.partition: LoopbackPartition | None = None
         self.workers: Workers | None = None
         self.scheduler: SchedulerProc | None = None
         self.scheduler_exit: int | None = None
@@ -192,11 +211,17 @@ class LocalRun:
     # ------------------------------------------------------------------- steps
     def execute(self) -> None:
         args = self.args
+        if args.fault == "partition":
+            check_available()  # before anything is started: not root, no nft
         self._clean_logs()
         self.marks["begin"] = time.time()
         self.phase = "booting RabbitMQ"
         self.say(f"booting a {NODES}-node RabbitMQ cluster on 127.0.0.1")
-        self.cluster = LocalRabbitCluster(size=NODES)
+        # For a partition each node opens its cluster links from its own loopback
+        # address, so rules can cut one node's links (localcluster/partition.py).
+        self.cluster = LocalRabbitCluster(
+            size=NODES, own_dist_source_addresses=args.fault == "partition"
+        )
         self.cluster.start()
         self.snapshot_pids()
         self.marks["cluster_ready"] = time.time()
@@ -240,11 +265,16 @@ class LocalRun:
                 deadline - time.monotonic(),
             )
             self.fault["at_completed"] = self.tail.completed()
-            kind, how = args.fault.split("-")
-            if kind == "broker":
-                self.broker_fault(graceful=how == "stop")
+            if args.fault == "cluster-restart":
+                self.cluster_restart()
+            elif args.fault == "partition":
+                self.partition_fault()
             else:
-                self.worker_fault(graceful=how == "term")
+                kind, how = args.fault.split("-")
+                if kind == "broker":
+                    self.broker_fault(graceful=how == "stop")
+                else:
+                    self.worker_fault(graceful=how == "term")
 
         self.phase = "draining" if args.fault == "none" else "after the fault"
         remaining = deadline - time.monotonic()
@@ -307,6 +337,103 @@ class LocalRun:
         self.fault["rejoin_s"] = round(self.marks["rejoin"] - self.marks["restart"], 2)
         self.say(f"rmq{node} rejoined the cluster {self.fault['rejoin_s']:.1f} s after restart")
 
+    def _w0_node(self) -> tuple[int, str]:
+        """The node worker w0 is connected to, and how we know."""
+        assert self.cluster is not None and self.workers is not None
+        nodes = connected_nodes(self.workers.procs[0].pid, self.cluster.amqp_ports)
+        if nodes:
+            return nodes[0], "its AMQP connection"
+        return 0, "its broker rotation (no connection found)"
+
+    def cluster_restart(self) -> None:
+        """Stop all three nodes gracefully (SIGTERM, at once) with tasks queued;
+        ``--down-seconds`` later start them all again, together (Mnesia: the last
+        node to stop must be among the first to start), and wait until clustered."""
+        assert self.cluster is not None and self.workers is not None
+        self.tail.poll()
+        published = len(self.scheduler.published_ids()) if self.scheduler else 0
+        queued = published - self.tail.completed()
+        self.fault.update(target="all nodes", queued_or_running=queued)
+        # Every worker runs tasks whose acks cannot reach the broker any more.
+        self.fault["in_flight_ids"] = sorted(self.tail.in_flight(""))
+        self.phase = "cluster DOWN"
+        self.marks["fault"] = time.time()
+        self.say(
+            f"FAULT: stopping all {NODES} RabbitMQ nodes (SIGTERM, graceful) with "
+            f"{self.tail.completed()} tasks completed and {queued} not yet"
+        )
+        self.cluster.stop_nodes(graceful=True)
+        self.fault["stop_s"] = round(time.time() - self.marks["fault"], 2)
+        self._sleep(self.args.down_seconds)
+        self.phase = "cluster restarting"
+        self.marks["restart"] = time.time()
+        self.say(f"starting all {NODES} nodes again (same data directories)")
+        self.cluster.start_nodes()
+        self.marks["rejoin"] = time.time()
+        self.snapshot_pids()
+        self.fault["rejoin_s"] = round(self.marks["rejoin"] - self.marks["restart"], 2)
+        self.say(f"cluster whole again {self.fault['rejoin_s']:.1f} s after the restart")
+
+    def partition_fault(self) -> None:
+        """Cut the node w0 is connected to off from the other two; check that it
+        pauses (pause_minority: AMQP listener closed, ``check_running`` fails, the
+        majority sees it down) and that w0 fails over to another node;
+        ``--down-seconds`` after the pause, heal and wait until clustered."""
+        assert self.cluster is not None and self.workers is not None
+        cluster = self.cluster
+        victim = self.workers.procs[0]
+        node, how = self._w0_node()
+        peer = (node + 1) % NODES
+        self.fault.update(target=cluster.node_names[node], node=node, found_by=how)
+        self.tail.poll()
+        self.fault["in_flight_ids"] = sorted(self.tail.in_flight(victim.nodename_prefix))
+        self.partition = LoopbackPartition(cluster, node)
+        self.phase = f"rmq{node} CUT OFF"
+        self.marks["fault"] = time.time()
+        self.say(
+            f"FAULT: cutting rmq{node} (worker {victim.name} is connected to it, by {how}) "
+            f"off from the other nodes with {self.tail.completed()} tasks completed"
+        )
+        self.partition.cut()
+        port = cluster.amqp_ports[node]
+        self.wait_for(f"rmq{node} to pause", lambda: not _port_open(port), PAUSE_TIMEOUT)
+        self.marks["paused"] = time.time()
+        self.fault["pause_s"] = round(self.marks["paused"] - self.marks["fault"], 2)
+        self.phase = f"rmq{node} PAUSED"
+        # Evidence of the pause, from both sides.
+        try:
+            cluster.rabbitmq_diagnostics(node, "check_running", timeout=30)
+            self.fault["minority_check_running"] = "running"
+        except ClusterError as exc:
+            lines = [ln for ln in str(exc).splitlines() if "not running" in ln]
+            self.fault["minority_check_running"] = lines[0] if lines else str(exc)[-200:]
+        self.fault["majority_running_nodes"] = cluster.running_nodes(peer)
+        self.wait_for(
+            f"worker {victim.name} to connect to another node",
+            lambda: bool(nodes := connected_nodes(victim.pid, cluster.amqp_ports))
+            and node not in nodes,
+            PAUSE_TIMEOUT,
+        )
+        self.fault["w0_failed_over_to"] = cluster.node_names[
+            connected_nodes(victim.pid, cluster.amqp_ports)[0]
+        ]
+        self.say(
+            f"rmq{node} paused {self.fault['pause_s']:.1f} s after the cut "
+            f"({self.fault['minority_check_running']}); rmq{peer} sees "
+            f"{self.fault['majority_running_nodes']}; {victim.name} now on "
+            f"{self.fault['w0_failed_over_to']}"
+        )
+        self._sleep(self.args.down_seconds)
+        self.phase = "healing"
+        self.marks["restart"] = time.time()
+        self.say("healing the partition")
+        self.partition.heal()
+        cluster.wait_clustered(timeout=120)
+        self.wait_for(f"rmq{node} to accept AMQP again", lambda: _port_open(port), 60)
+        self.marks["rejoin"] = time.time()
+        self.fault["rejoin_s"] = round(self.marks["rejoin"] - self.marks["restart"], 2)
+        self.say(f"rmq{node} back in the cluster {self.fault['rejoin_s']:.1f} s after the heal")
+
     def worker_fault(self, graceful: bool) -> None:
         """SIGKILL worker w0's process group mid-task (a machine dying), or
         SIGTERM it (Celery's warm shutdown, what Kubernetes sends first) and wait
@@ -366,6 +493,11 @@ class LocalRun:
                 print(file=sys.stderr)
         with contextlib.suppress(Exception):
             self.snapshot_pids()
+        if self.partition is not None:  # first: the rules must not outlive the run
+            try:
+                self.partition.heal()
+            except Exception as exc:
+                problems.append(f"partition: {exc}")
         if failed and self.cluster is not None:
             self._keep_rabbit_logs()
         if self.workers is not None:
@@ -555,7 +687,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="broker-kill: SIGKILL the RabbitMQ node worker w0 is connected to; "
         "broker-stop: stop that node gracefully (SIGTERM); "
         "worker-kill: SIGKILL worker w0 mid-task; "
-        "worker-term: SIGTERM worker w0 (warm shutdown) mid-task; none: no fault",
+        "worker-term: SIGTERM worker w0 (warm shutdown) mid-task; "
+        "cluster-restart: stop all three nodes gracefully and start them again; "
+        "partition: cut w0's node off from the other two (needs root; it pauses); "
+        "none: no fault",
     )
     parser.add_argument(
         "--workers",
@@ -665,6 +800,12 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    if args.fault == "partition":
+        try:
+            check_available()
+        except PartitionUnavailableError as exc:  # nothing started, nothing to report
+            print(f"[localcluster] error: {exc}", file=sys.stderr)
+            return 2
     run = LocalRun(args)
     status = "ok"
     error: BaseException | None = None

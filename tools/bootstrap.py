@@ -37,6 +37,9 @@ VENVS = (
 UV_VERSION = "0.13.9"
 RABBITMQ_SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
 APT_INSTALL = "apt-get install -y --no-install-recommends rabbitmq-server"
+# `python -m localcluster --fault partition` cuts a node off with nftables rules
+# on loopback (localcluster/partition.py): root and the `nft` command.
+NFT_INSTALL = "apt-get install -y --no-install-recommends nftables"
 
 
 def say(message: str) -> None:
@@ -104,6 +107,19 @@ def ensure_rabbitmq() -> None:
     run(*APT_INSTALL.split(), "-qq", env=env)
 
 
+def ensure_nftables() -> None:
+    """`nft` for the partition fault; only root can use it, so only root installs it."""
+    if shutil.which("nft") is not None:
+        return
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        say(f"no 'nft': the partition fault (needs root) will be skipped; as root: {NFT_INSTALL}")
+        return
+    say("installing nftables from the OS packages (the partition fault)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive", "RUNLEVEL": "1"}
+    run("apt-get", "update", "-qq", env=env)
+    run(*NFT_INSTALL.split(), "-qq", env=env)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
@@ -116,6 +132,7 @@ def main() -> None:
         ensure_packages(ensure_venv(path, with_pip=path == VENV), lock)
     if not args.no_rabbitmq:
         ensure_rabbitmq()
+        ensure_nftables()
 
 
 if __name__ == "__main__":

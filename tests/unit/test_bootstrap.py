@@ -44,3 +44,21 @@ def test_a_venv_is_synced_once_per_lock_content(
     lock.write_text("a==2 \\\n    --hash=sha256:11\n")
     bootstrap.ensure_packages(python, lock)
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("euid", [0, 1000])
+def test_nftables_installed_for_the_partition_fault_only_as_root(
+    euid: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[str, ...]] = []
+    monkeypatch.setattr(bootstrap, "run", lambda *args, **_: calls.append(tuple(map(str, args))))
+    monkeypatch.setattr(bootstrap.os, "geteuid", lambda: euid)
+    monkeypatch.setattr(
+        bootstrap.shutil, "which", lambda name: None if name == "nft" else f"/usr/bin/{name}"
+    )
+    bootstrap.ensure_nftables()  # never fatal: only the partition fault needs it
+    if euid == 0:
+        assert calls[-1][:4] == ("apt-get", "install", "-y", "--no-install-recommends")
+        assert "nftables" in calls[-1]
+    else:
+        assert calls == []
