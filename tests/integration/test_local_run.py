@@ -2,7 +2,7 @@
 
 The CLI runs as a subprocess (as ``make local`` runs it) at a small size: 120
 tasks of 10 x 0.2 s on 3 workers x 10 threads, the fault after 40 completions,
-the killed node/worker back after 1 s.  Each run takes ~35 s here (2 cores),
+the killed node/worker back after 1 s.  Each run takes ~35-50 s here (2 cores),
 ~20 s of which is booting RabbitMQ.
 """
 
@@ -107,7 +107,8 @@ def survivors(report: dict[str, Any]) -> list[int]:
     ]
 
 
-# Two full runs keep this file near 2 minutes.  broker-stop (the article's drain)
+# Four full runs (these two, cluster-restart and partition) keep this file near
+# 3.5 minutes.  broker-stop (the article's drain)
 # runs up to its restart in the interrupt test below; worker-term (warm
 # shutdown) is tested on real workers in test_celery_no_loss.py (SIGTERM test).
 @pytest.mark.parametrize("fault", ["broker-kill", "worker-kill"])
