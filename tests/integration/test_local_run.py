@@ -156,9 +156,15 @@ def test_local_run_loses_nothing(fault: str, tmp_path: Path) -> None:
 
 # cluster-restart: the gap is the outage itself (graceful stop of all three
 # nodes ~6 s, --down-seconds 1, parallel boot until clustered ~14 s: down_s
-# 21.2 s, gap 20.4 s measured here), so it is bounded by the outage plus the
-# failover bound above: once the cluster is whole, the workers must be back
-# within GAP_BOUND_S (reconnect, redelivery, one 2 s task).
+# 21.2 s, gap 20.2-20.4 s measured here; at make local's default size, down_s
+# 24.8 s, gap 30.5 s: the first completion came 6.5 s after the rejoin), so it is
+# bounded by the outage plus the workers' way back: kombu's reconnect back-off
+# (sleeps of 2, 4, 6, 8, 10 s between rounds over the three URLs, so after a
+# 20-30 s outage the next attempt can come up to 10 s after the cluster is
+# whole), redelivery and one 2 s task.
+CLUSTER_RESTART_EXTRA_S = 12.0
+
+
 # partition: measured gap 1.96 s (the work's own rhythm), the minority node
 # paused 0.2 s after the cut (its links are reset, not silently dropped) and w0
 # moved to another node; the majority never stopped, so GAP_BOUND_S applies as
@@ -197,7 +203,7 @@ def test_local_run_cluster_faults_lose_nothing(fault: str, tmp_path: Path) -> No
     if fault == "cluster-restart":
         # Tasks were still queued when the whole cluster stopped: they survived it.
         assert detail["queued_or_running"] > 0, detail
-        assert report["failover_gap_s"] < report["down_s"] + GAP_BOUND_S, report
+        assert report["failover_gap_s"] < report["down_s"] + CLUSTER_RESTART_EXTRA_S, report
     else:
         assert detail["node"] == 0 and detail["found_by"] == "its AMQP connection"
         assert detail["pause_s"] < 10, detail  # cut, then AMQP listener closed
