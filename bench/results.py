@@ -239,9 +239,9 @@ def plot_results(path: str | os.PathLike[str], results: dict[str, Any]) -> None:
                 ax.annotate(
                     _num(med, m.digits),
                     (x, med),
-                    xytext=(0, 4),
+                    xytext=(8, 4),  # beside the error bar, not on it
                     textcoords="offset points",
-                    ha="center",
+                    ha="left",
                     va="bottom",
                     fontsize="small",
                 )

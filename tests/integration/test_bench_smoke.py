@@ -3,7 +3,7 @@
 A smoke test, not a benchmark: one run per configuration, a few dozen tasks, and
 only "it ran, exited 0, wrote results.json with every metric for both
 configurations, and a PNG".  No timing is asserted (the numbers are in the
-README, measured with the defaults).  About 70 s here (2 cores), ~25 s of which
+README, measured with the defaults).  60-90 s here (2 cores), ~20-25 s of which
 is booting RabbitMQ.
 """
 
