@@ -69,6 +69,7 @@ from kombu import Connection
 from app import ledger
 from app.settings import WorkerSettings
 from bench.results import CONFIG_KEYS, build_results, format_table, plot_results
+from localcluster.cli_types import fraction, non_negative_float, positive_float, positive_int
 from localcluster.rabbit import ClusterError, LocalRabbitCluster, marked_pids
 from localcluster.report import LedgerTail, longest_gap, read_events
 from localcluster.run import connected_nodes
@@ -762,87 +763,59 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add = parser.add_argument
-    add("--runs", type=_positive_int, default=3, help="runs per configuration (medians, min-max)")
+    add("--runs", type=positive_int, default=3, help="runs per configuration (medians, min-max)")
     add(
         "--publish-tasks",
-        type=_positive_int,
+        type=positive_int,
         default=5000,
         help="no-op tasks published, then drained",
     )
     add(
         "--sleep-tasks",
-        type=_positive_int,
+        type=positive_int,
         default=300,
         help="tasks of the sleeping workload (the article queued 10,000; 1000 takes ~3 min "
         "per article run here)",
     )
     add(
         "--sleep-seconds",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=1.0,
         help="how long each sleeps (the article: 10 s)",
     )
     add(
         "--failover-tasks",
-        type=_positive_int,
+        type=positive_int,
         default=600,
         help="tasks published during the node kill",
     )
-    add("--failover-rate", type=_positive_float, default=40.0, help="their publish rate (tasks/s)")
-    add("--failover-task-seconds", type=_non_negative_float, default=0.1, help="how long each runs")
+    add("--failover-rate", type=positive_float, default=40.0, help="their publish rate (tasks/s)")
+    add("--failover-task-seconds", type=non_negative_float, default=0.1, help="how long each runs")
     add(
         "--fault-at",
-        type=_fraction,
+        type=fraction,
         default=argparse.SUPPRESS,
         help="kill once this fraction of the failover tasks completed (default: 1/3)",
     )
     add(
         "--down-seconds",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=5.0,
         help="node down this long, then restarted",
     )
     add(
         "--settle",
-        type=_positive_float,
+        type=positive_float,
         default=20.0,
         help="failover: stop waiting after this long without a completion (tasks may be lost)",
     )
-    add("--timeout", type=_positive_float, default=300.0, help="give up a phase after this long")
+    add("--timeout", type=positive_float, default=300.0, help="give up a phase after this long")
     add("--out", default="out/bench", help="output directory")
     add("-v", "--verbose", action="store_true", help="log the cluster's steps")
     args = parser.parse_args(argv)
     if not hasattr(args, "fault_at"):  # SUPPRESS: shown as 1/3 in --help, not 0.333...
         args.fault_at = 1 / 3
     return args
-
-
-def _positive_int(raw: str) -> int:
-    value = int(raw)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {raw!r}")
-    return value
-
-
-def _non_negative_float(raw: str) -> float:
-    value = float(raw)
-    if not 0.0 <= value < math.inf:
-        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {raw!r}")
-    return value
-
-
-def _positive_float(raw: str) -> float:
-    value = _non_negative_float(raw)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {raw!r}")
-    return value
-
-
-def _fraction(raw: str) -> float:
-    value = float(raw)
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {raw!r}")
-    return value
 
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)

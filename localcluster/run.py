@@ -58,6 +58,7 @@ from types import FrameType
 from typing import Any
 
 from app import ledger
+from localcluster.cli_types import fraction, non_negative_float, positive_int
 from localcluster.partition import LoopbackPartition, PartitionUnavailableError, check_available
 from localcluster.rabbit import ClusterError, LocalRabbitCluster, _port_open, marked_pids
 from localcluster.report import (
@@ -694,43 +695,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--workers",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_WORKERS,
         help="Celery worker processes; worker wI connects to node rmq(I mod 3) first",
     )
     parser.add_argument(
-        "--concurrency", type=_positive_int, default=DEFAULT_CONCURRENCY, help="threads per worker"
+        "--concurrency", type=positive_int, default=DEFAULT_CONCURRENCY, help="threads per worker"
     )
     parser.add_argument(
-        "--tasks", type=_positive_int, default=DEFAULT_TASKS, help="count tasks to publish"
+        "--tasks", type=positive_int, default=DEFAULT_TASKS, help="count tasks to publish"
     )
     parser.add_argument(
         "--task-seconds",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=DEFAULT_STEP_SECONDS,
         help="sleep per counting step, as app.scheduler: a task counts 0..9, so it runs 10x this",
     )
     parser.add_argument(
         "--fault-at",
-        type=_fraction,
+        type=fraction,
         default=argparse.SUPPRESS,
         help="inject the fault once this fraction of --tasks has completed (default: 1/3)",
     )
     parser.add_argument(
         "--down-seconds",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=DEFAULT_DOWN_SECONDS,
         help="how long the killed node/worker stays dead before it is brought back",
     )
     parser.add_argument(
         "--rate",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=0.0,
         help="publish at most this many tasks per second (0: as fast as confirms allow)",
     )
     parser.add_argument(
         "--timeout",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=DEFAULT_TIMEOUT,
         help="give up waiting for the tasks after this many seconds from publishing",
     )
@@ -740,27 +741,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not hasattr(args, "fault_at"):  # SUPPRESS: shown as 1/3 in --help, not 0.333...
         args.fault_at = DEFAULT_FAULT_AT
     return args
-
-
-def _positive_int(raw: str) -> int:
-    value = int(raw)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {raw!r}")
-    return value
-
-
-def _non_negative_float(raw: str) -> float:
-    value = float(raw)
-    if not 0.0 <= value < math.inf:
-        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {raw!r}")
-    return value
-
-
-def _fraction(raw: str) -> float:
-    value = float(raw)
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {raw!r}")
-    return value
 
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
