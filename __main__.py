@@ -3,16 +3,16 @@
 import pulumi
 
 from components import config as stack_config
-from components.gke import GkeCluster, existing_cluster_provider
-from components.rabbitmq import RabbitmqCluster
+from components.gke import GkeCluster, GkeClusterArgs, existing_cluster_provider
+from components.rabbitmq import RabbitmqCluster, RabbitmqClusterArgs
 from components.worker_image import worker_image
-from components.workers import CeleryWorkers
+from components.workers import CeleryWorkers, CeleryWorkersArgs
 
 # Validated before anything is created: a bad key or value stops here.
 config = stack_config.load()
 
 if config.target == "gke":
-    gke = GkeCluster("celery", config)
+    gke = GkeCluster("celery", GkeClusterArgs.from_stack(config))
     provider = gke.provider
     pulumi.export("cluster_name", gke.cluster_name)
     pulumi.export("endpoint", gke.endpoint)
@@ -20,8 +20,15 @@ if config.target == "gke":
 else:
     provider = existing_cluster_provider(config)
 
-rabbitmq = RabbitmqCluster("rabbitmq", config, provider)
-workers = CeleryWorkers("workers", config, provider, rabbitmq.broker_urls, worker_image(config))
+rabbitmq = RabbitmqCluster("rabbitmq", RabbitmqClusterArgs.from_stack(config), provider)
+workers = CeleryWorkers(
+    "workers",
+    CeleryWorkersArgs.from_stack(config),
+    provider,
+    rabbitmq.broker_urls,
+    worker_image(config),
+    broker=rabbitmq.server,
+)
 
 pulumi.export("broker_urls", rabbitmq.broker_urls)
 pulumi.export("rabbitmq_namespace", rabbitmq.namespace)

@@ -22,11 +22,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin
 
+from components.rabbitmq_conf import memory_available
+
 PROJECT = "celery-cluster"
 
 Target = Literal["gke", "existing"]
 Environment = Literal["development", "production"]
 ReleaseChannel = Literal["RAPID", "REGULAR", "STABLE"]
+# How kubectl, CI and the program reach the GKE control plane: "dns", only the
+# IAM-gated DNS endpoint (IP endpoint off); "ip", the IP endpoint, reachable
+# from gke.authorizedNetworks only.
+ControlPlaneAccess = Literal["dns", "ip"]
 NodeDiskType = Literal["pd-standard", "pd-balanced", "pd-ssd"]
 AntiAffinity = Literal["required", "preferred"]
 RetentionPolicy = Literal["Retain", "Delete"]
@@ -49,6 +55,9 @@ _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _GCP_REGION = re.compile(r"^[a-z]+-[a-z]+[0-9]+$")
 _GCP_ZONE = re.compile(r"^[a-z]+-[a-z]+[0-9]+-[a-z]$")
 _GCP_PROJECT = re.compile(r"^[a-z][-a-z0-9]{4,28}[a-z0-9]$")
+# A GKE version as `min_master_version` takes it: a minor ("1.33"), a patch
+# ("1.33.5") or a full GKE version ("1.33.5-gke.1000").
+_GKE_VERSION = re.compile(r"^(?P<minor>\d+\.\d+)(\.\d+(-gke\.\d+)?)?$")
 _CIDR = re.compile(r"^(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})/(\d{1,2})$")
 # The official image, management variant, its version in the tag (a digest may
 # follow): the version decides what rabbitmq.conf may contain.
@@ -61,6 +70,41 @@ _RABBITMQ_IMAGE_ALLOWED = (
     "e.g. rabbitmq:4.1.4-management (optionally followed by @sha256:<digest>)"
 )
 _IMAGE_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+_QUANTITY_FACTORS = {
+    "": 1,
+    "m": 0.001,
+    "k": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "P": 10**15,
+    "E": 10**18,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+    "Pi": 2**50,
+    "Ei": 2**60,
+}
+
+# The disk alarm blocks publishers while this much is still free. Production:
+# 1.5 x the memory RabbitMQ may use (its production checklist: 1.0 at least, 1.5
+# safer), so a node can always page its memory out to disk. Development: the
+# Cluster Operator's 2GB.
+PRODUCTION_DISK_FREE_RELATIVE = 1.5
+DEVELOPMENT_DISK_FREE_BYTES = 2 * 10**9
+# The volume must hold at least as much message data as the alarm keeps free.
+MIN_STORAGE_PER_DISK_FREE_LIMIT = 2
+
+
+def quantity_bytes(quantity: str) -> int:
+    """A Kubernetes quantity ("4Gi", "512Mi", "2G", "1.5Gi") in bytes (whole bytes)."""
+    match = _QUANTITY.match(quantity)
+    if match is None:
+        raise ValueError(f"not a Kubernetes quantity: {quantity!r}")
+    suffix = match[2] or ""
+    number = quantity[: len(quantity) - len(suffix)]
+    return int(float(number) * _QUANTITY_FACTORS[suffix])
 
 
 class ConfigError(ValueError):
@@ -116,6 +160,12 @@ class GkeConfig:
     subnet_cidr: str = "10.10.0.0/20"
     pods_cidr: str = "10.20.0.0/14"
     services_cidr: str = "10.24.0.0/20"
+    control_plane: ControlPlaneAccess = "dns"
+    # CIDRs that may reach the IP endpoint (controlPlane "ip" only).
+    authorized_networks: tuple[str, ...] = ()
+    # None: the release channel's default version. A pinned version goes stale
+    # when the channel stops offering it, and cluster creation then fails.
+    min_master_version: str | None = None
 
     @property
     def location(self) -> str:
@@ -151,6 +201,18 @@ class RabbitmqConfig:
     resources: Resources = field(default_factory=lambda: Resources("500m", "1Gi", "1", "2Gi"))
 
     @property
+    def memory_limit_bytes(self) -> int | None:
+        limit = self.resources.memory_limit
+        return None if limit is None else quantity_bytes(limit)
+
+    def disk_free_limit_bytes(self, production: bool) -> int:
+        """Free disk below which RabbitMQ blocks publishers (rendered into rabbitmq.conf)."""
+        memory = self.memory_limit_bytes
+        if not production or memory is None:
+            return DEVELOPMENT_DISK_FREE_BYTES
+        return int(memory_available(memory) * PRODUCTION_DISK_FREE_RELATIVE)
+
+    @property
     def version(self) -> str:
         """The RabbitMQ version the image tag pins, e.g. "4.1.4" (the renderer needs it)."""
         match = _RABBITMQ_IMAGE.match(self.image)
@@ -166,6 +228,9 @@ class SchedulerConfig:
     enabled: bool = False
     tasks: int = 10_000
     task_seconds: float = 1.0
+    # Change it to enqueue the tasks again: a run is identified by its own settings
+    # (runId, tasks, taskSeconds), so a new worker image never re-runs it.
+    run_id: str = "1"
 
 
 @dataclass(frozen=True)
@@ -251,6 +316,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if value is None:
             return None
         return _coerce(value, options[0], key)
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(key, value, "a list")
+        item = get_args(hint)[0]
+        return tuple(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(key, value, "true or false")
@@ -355,10 +425,89 @@ def _check_rabbitmq_image(image: str) -> None:
     raise ConfigError(_key("rabbitmq.image"), image, f"{problem}: {_RABBITMQ_IMAGE_ALLOWED}")
 
 
+def _minor(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split(".")[:2])
+
+
+def _check_min_master_version(config: StackConfig) -> None:
+    pinned = config.gke.min_master_version
+    if pinned is None:
+        return
+    match = _GKE_VERSION.match(pinned)
+    if match is None:
+        raise ConfigError(
+            _key("gke.minMasterVersion"),
+            pinned,
+            "a GKE version such as 1.33, 1.33.5 or 1.33.5-gke.1000, "
+            "or null for the release channel's default",
+        )
+    if _minor(match["minor"]) < _minor(config.kubernetes.version):
+        raise ConfigError(
+            _key("gke.minMasterVersion"),
+            pinned,
+            f"at least kubernetes.version ({config.kubernetes.version}), "
+            "the API the manifests are written for",
+        )
+
+
+def _check_control_plane(gke: GkeConfig) -> None:
+    for i, cidr in enumerate(gke.authorized_networks):
+        _check_cidr(f"gke.authorizedNetworks[{i}]", cidr)
+    if gke.control_plane == "dns" and gke.authorized_networks:
+        raise ConfigError(
+            _key("gke.authorizedNetworks"),
+            list(gke.authorized_networks),
+            "empty when controlPlane is 'dns': the IP endpoint they would open is off",
+        )
+    if gke.control_plane == "ip" and not gke.authorized_networks:
+        raise ConfigError(
+            _key("gke.authorizedNetworks"),
+            [],
+            "at least one CIDR when controlPlane is 'ip' (e.g. your network's "
+            "203.0.113.0/24): nothing else may reach the IP endpoint",
+        )
+
+
 def _check_cidr(path: str, value: str) -> None:
     match = _CIDR.match(value)
     if not match or any(int(octet) > 255 for octet in match.groups()[:4]) or int(match[5]) > 32:
         raise ConfigError(_key(path), value, "an IPv4 CIDR range such as 10.10.0.0/20")
+
+
+def _check_rabbitmq_memory(rmq: RabbitmqConfig, production: bool) -> None:
+    """A memory limit in every stack (RabbitMQ sizes its alarm from it) and a volume
+    large enough for the disk alarm's threshold."""
+    from components.rabbitmq_conf import memory_available
+
+    limit = rmq.memory_limit_bytes
+    if limit is None or limit < 256 * 2**20:
+        raise ConfigError(
+            _key("rabbitmq.resources.memoryLimit"),
+            rmq.resources.memory_limit,
+            "a memory limit of at least 256Mi in every stack: RabbitMQ sizes its memory "
+            "alarm from it (without one it reads the node's memory and is OOM-killed first)",
+        )
+    request = quantity_bytes(rmq.resources.memory_request)
+    if request > limit:
+        raise ConfigError(
+            _key("rabbitmq.resources.memoryRequest"),
+            rmq.resources.memory_request,
+            f"at most memoryLimit ({rmq.resources.memory_limit})",
+        )
+    disk_free = rmq.disk_free_limit_bytes(production)
+    if quantity_bytes(rmq.storage_size) < MIN_STORAGE_PER_DISK_FREE_LIMIT * disk_free:
+        why = (
+            f"{PRODUCTION_DISK_FREE_RELATIVE} x the {memory_available(limit) / 2**30:.2f} GiB "
+            "RabbitMQ may use within memoryLimit"
+            if production
+            else "the development default"
+        )
+        raise ConfigError(
+            _key("rabbitmq.storageSize"),
+            rmq.storage_size,
+            f"at least {MIN_STORAGE_PER_DISK_FREE_LIMIT} x the disk alarm's free-space "
+            f"threshold of {disk_free / 2**30:.2f} GiB ({why})",
+        )
 
 
 def validate(config: StackConfig) -> None:
@@ -410,6 +559,8 @@ def validate(config: StackConfig) -> None:
             config.kubernetes.version,
             f"one of {', '.join(SUPPORTED_KUBERNETES_VERSIONS)}",
         )
+    _check_min_master_version(config)
+    _check_control_plane(gke)
 
     if rmq.replicas < 1:
         raise ConfigError(_key("rabbitmq.replicas"), rmq.replicas, "an integer >= 1")
@@ -455,6 +606,7 @@ def validate(config: StackConfig) -> None:
             "since anti-affinity is required",
         )
     _check_resources("rabbitmq.resources", rmq.resources)
+    _check_rabbitmq_memory(rmq, config.production)
 
     if workers.replicas < 1:
         raise ConfigError(_key("workers.replicas"), workers.replicas, "an integer >= 1")
@@ -477,6 +629,12 @@ def validate(config: StackConfig) -> None:
     if workers.scheduler.tasks < 1:
         raise ConfigError(
             _key("workers.scheduler.tasks"), workers.scheduler.tasks, "an integer >= 1"
+        )
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,63}", workers.scheduler.run_id):
+        raise ConfigError(
+            _key("workers.scheduler.runId"),
+            workers.scheduler.run_id,
+            "1-63 letters, digits, '.', '_' or '-' (change it to enqueue the tasks again)",
         )
     if workers.scheduler.task_seconds < 0:
         raise ConfigError(

@@ -4,15 +4,22 @@ One small function per GCP object; `GkeCluster` assembles them. The cluster's
 default node pool is removed and replaced by a separately managed pool, so a
 node-pool change (machine type, spot) never forces the cluster itself to be
 replaced.
+
+Every ID set explicitly (the node service account's, the Artifact Registry
+repository's in worker_image.py) carries the stack name: dev and prod may share
+one GCP project. The other GCP objects are auto-named by Pulumi (a random suffix).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import pulumi
 import pulumi_gcp as gcp
 import pulumi_kubernetes as k8s
 
 from components.config import GkeConfig, StackConfig
+from components.gcp_ids import stack_id, stack_label
 
 # Roles a GKE node needs to run, log and pull images: the predefined
 # least-privilege node role, plus reading images from Artifact Registry.
@@ -26,6 +33,29 @@ NODE_ROLES = (
 NODE_OAUTH_SCOPES = ("https://www.googleapis.com/auth/cloud-platform",)
 
 AUTH_PLUGIN = "gke-gcloud-auth-plugin"
+
+# GCP service account IDs: 6-30 characters, [a-z][-a-z0-9]{4,28}[a-z0-9].
+SERVICE_ACCOUNT_ID_MAX = 30
+
+
+@dataclass(frozen=True)
+class GkeClusterArgs:
+    """What `GkeCluster` needs from the stack configuration, and nothing else."""
+
+    project: str
+    stack: str
+    gke: GkeConfig
+    # Pulumi `protect` on the cluster and its node pool.
+    protect: bool
+
+    @classmethod
+    def from_stack(cls, config: StackConfig) -> GkeClusterArgs:
+        return cls(
+            project=config.gcp_project,
+            stack=config.stack,
+            gke=config.gke,
+            protect=config.protect,
+        )
 
 
 def network(name: str, opts: pulumi.ResourceOptions) -> gcp.compute.Network:
@@ -59,11 +89,14 @@ def subnetwork(
     )
 
 
-def node_service_account(name: str, opts: pulumi.ResourceOptions) -> gcp.serviceaccount.Account:
+def node_service_account(
+    name: str, args: GkeClusterArgs, opts: pulumi.ResourceOptions
+) -> gcp.serviceaccount.Account:
     return gcp.serviceaccount.Account(
         name,
-        account_id=name[:30],
-        display_name="GKE nodes of the Celery worker cluster",
+        project=args.project,
+        account_id=stack_id(name, args.stack, SERVICE_ACCOUNT_ID_MAX),
+        display_name=f"GKE nodes of the Celery worker cluster ({args.stack})",
         opts=opts,
     )
 
@@ -83,18 +116,49 @@ def node_role_bindings(
     ]
 
 
+def control_plane_endpoints(gke: GkeConfig) -> gcp.container.ClusterControlPlaneEndpointsConfigArgs:
+    """One way in: the DNS endpoint (IAM decides who connects) or the IP endpoint."""
+    dns = gke.control_plane == "dns"
+    return gcp.container.ClusterControlPlaneEndpointsConfigArgs(
+        dns_endpoint_config=gcp.container.ClusterControlPlaneEndpointsConfigDnsEndpointConfigArgs(
+            allow_external_traffic=dns
+        ),
+        ip_endpoints_config=gcp.container.ClusterControlPlaneEndpointsConfigIpEndpointsConfigArgs(
+            enabled=not dns
+        ),
+    )
+
+
+def master_authorized_networks(
+    gke: GkeConfig,
+) -> gcp.container.ClusterMasterAuthorizedNetworksConfigArgs | None:
+    # Only with the IP endpoint: sending this block with "dns" turns IP access back on.
+    if gke.control_plane != "ip":
+        return None
+    return gcp.container.ClusterMasterAuthorizedNetworksConfigArgs(
+        cidr_blocks=[
+            gcp.container.ClusterMasterAuthorizedNetworksConfigCidrBlockArgs(
+                cidr_block=cidr, display_name=f"authorized-{i}"
+            )
+            for i, cidr in enumerate(gke.authorized_networks)
+        ],
+        # Any Compute Engine VM's public IP (anyone's) is not an authorized network.
+        gcp_public_cidrs_access_enabled=False,
+    )
+
+
 def cluster(
     name: str,
-    config: StackConfig,
+    args: GkeClusterArgs,
     vpc: gcp.compute.Network,
     subnet: gcp.compute.Subnetwork,
     account: gcp.serviceaccount.Account,
     opts: pulumi.ResourceOptions,
 ) -> gcp.container.Cluster:
-    gke = config.gke
+    gke = args.gke
     return gcp.container.Cluster(
         name,
-        project=config.gcp_project,
+        project=args.project,
         location=gke.location,
         network=vpc.id,
         subnetwork=subnet.id,
@@ -107,7 +171,9 @@ def cluster(
         # start it with one node and delete it; `NodePool` below is the real one.
         remove_default_node_pool=True,
         initial_node_count=1,
-        # Even the short-lived default pool must not run as the default compute account.
+        # Even the short-lived default pool must not run as the default compute
+        # account, so this stays; once the pool is gone GKE reports another pool's
+        # config here, which is why the cluster ignores changes to it (see GkeCluster).
         node_config=gcp.container.ClusterNodeConfigArgs(
             service_account=account.email,
             oauth_scopes=list(NODE_OAUTH_SCOPES),
@@ -115,10 +181,13 @@ def cluster(
                 enable_secure_boot=True, enable_integrity_monitoring=True
             ),
         ),
-        min_master_version=config.kubernetes.version,
+        # None (the default) sends nothing: the release channel picks a version it offers.
+        min_master_version=gke.min_master_version,
         release_channel=gcp.container.ClusterReleaseChannelArgs(channel=gke.release_channel),
+        control_plane_endpoints_config=control_plane_endpoints(gke),
+        master_authorized_networks_config=master_authorized_networks(gke),
         workload_identity_config=gcp.container.ClusterWorkloadIdentityConfigArgs(
-            workload_pool=f"{config.gcp_project}.svc.id.goog"
+            workload_pool=f"{args.project}.svc.id.goog"
         ),
         enable_shielded_nodes=True,
         # Dataplane V2 enforces the NetworkPolicies the RabbitMQ component ships.
@@ -137,15 +206,15 @@ def cluster(
 
 def node_pool(
     name: str,
-    config: StackConfig,
+    args: GkeClusterArgs,
     gke_cluster: gcp.container.Cluster,
     account: gcp.serviceaccount.Account,
     opts: pulumi.ResourceOptions,
 ) -> gcp.container.NodePool:
-    gke = config.gke
+    gke = args.gke
     return gcp.container.NodePool(
         name,
-        project=config.gcp_project,
+        project=args.project,
         cluster=gke_cluster.name,
         location=gke.location,
         # Per zone: 3 in a zonal cluster, 1 in each of a region's 3 zones.
@@ -164,26 +233,52 @@ def node_pool(
             workload_metadata_config=gcp.container.NodePoolNodeConfigWorkloadMetadataConfigArgs(
                 mode="GKE_METADATA"
             ),
-            labels={"stack": config.stack},
+            labels={"stack": stack_label(args.stack)},
         ),
         opts=opts,
     )
 
 
-def kubeconfig(gke_cluster: gcp.container.Cluster, config: StackConfig) -> pulumi.Output[str]:
-    """A kubeconfig that authenticates through gke-gcloud-auth-plugin (no static token)."""
+def control_plane_endpoint(
+    gke_cluster: gcp.container.Cluster, gke: GkeConfig
+) -> pulumi.Output[str]:
+    """The host clients reach the control plane at: its DNS name, or its IP address."""
+    if gke.control_plane == "dns":
+        return gke_cluster.control_plane_endpoints_config.apply(_dns_endpoint)
+    return gke_cluster.endpoint
 
-    def render(args: list[str]) -> str:
-        cluster_name, endpoint, ca = args
-        context = f"gke_{config.gcp_project}_{config.gke.location}_{cluster_name}"
+
+def _dns_endpoint(
+    endpoints: gcp.container.outputs.ClusterControlPlaneEndpointsConfig | None,
+) -> str:
+    dns = endpoints.dns_endpoint_config if endpoints else None
+    if dns is None or not dns.endpoint:
+        raise ValueError("GKE reported no DNS endpoint for a cluster with controlPlane 'dns'")
+    return dns.endpoint
+
+
+def kubeconfig(
+    gke_cluster: gcp.container.Cluster, endpoint: pulumi.Output[str], args: GkeClusterArgs
+) -> pulumi.Output[str]:
+    """A kubeconfig that authenticates through gke-gcloud-auth-plugin (no static token).
+
+    The DNS endpoint presents a publicly trusted certificate, not one signed by the
+    cluster CA, so the CA is pinned only for the IP endpoint.
+    """
+    pin_ca = args.gke.control_plane == "ip"
+
+    def render(values: list[str]) -> str:
+        cluster_name, server, ca = values
+        context = f"gke_{args.project}_{args.gke.location}_{cluster_name}"
+        ca_line = [f"    certificate-authority-data: {ca}"] if pin_ca else []
         return "\n".join(
             [
                 "apiVersion: v1",
                 "kind: Config",
                 "clusters:",
                 "- cluster:",
-                f"    certificate-authority-data: {ca}",
-                f"    server: https://{endpoint}",
+                *ca_line,
+                f"    server: https://{server}",
                 f"  name: {context}",
                 "contexts:",
                 "- context:",
@@ -207,7 +302,7 @@ def kubeconfig(gke_cluster: gcp.container.Cluster, config: StackConfig) -> pulum
 
     text = pulumi.Output.all(
         gke_cluster.name,
-        gke_cluster.endpoint,
+        endpoint,
         gke_cluster.master_auth.cluster_ca_certificate,
     ).apply(render)
     return pulumi.Output.secret(text)
@@ -222,29 +317,46 @@ class GkeCluster(pulumi.ComponentResource):
     provider: k8s.Provider
 
     def __init__(
-        self, name: str, config: StackConfig, opts: pulumi.ResourceOptions | None = None
+        self, name: str, args: GkeClusterArgs, opts: pulumi.ResourceOptions | None = None
     ) -> None:
         super().__init__("celerycluster:gke:GkeCluster", name, {}, opts)
         child = pulumi.ResourceOptions(parent=self)
         # What takes long to rebuild (and holds the data volumes) is protected in prod.
-        durable = pulumi.ResourceOptions(parent=self, protect=config.protect)
+        durable = pulumi.ResourceOptions(parent=self, protect=args.protect)
 
         vpc = network(f"{name}-vpc", child)
-        subnet = subnetwork(f"{name}-subnet", config.gke, vpc, child)
-        account = node_service_account(f"{name}-nodes", child)
-        bindings = node_role_bindings(f"{name}-nodes", config.gcp_project, account, child)
-        gke_cluster = cluster(name, config, vpc, subnet, account, durable)
+        subnet = subnetwork(f"{name}-subnet", args.gke, vpc, child)
+        account = node_service_account(f"{name}-nodes", args, child)
+        bindings = node_role_bindings(f"{name}-nodes", args.project, account, child)
+        gke_cluster = cluster(
+            name,
+            args,
+            vpc,
+            subnet,
+            account,
+            pulumi.ResourceOptions.merge(
+                durable,
+                pulumi.ResourceOptions(
+                    # The default pool's nodes start as `account`: its roles first.
+                    depends_on=bindings,
+                    # With the default pool removed, GKE reports the remaining pool's
+                    # node config as the cluster's; the diff would force a replacement
+                    # of the cluster. Set here: ignore_changes is not inherited.
+                    ignore_changes=["nodeConfig"],
+                ),
+            ),
+        )
         pool = node_pool(
             f"{name}-pool",
-            config,
+            args,
             gke_cluster,
             account,
             pulumi.ResourceOptions.merge(durable, pulumi.ResourceOptions(depends_on=bindings)),
         )
 
         self.cluster_name = gke_cluster.name
-        self.endpoint = gke_cluster.endpoint
-        self.kubeconfig = kubeconfig(gke_cluster, config)
+        self.endpoint = control_plane_endpoint(gke_cluster, args.gke)
+        self.kubeconfig = kubeconfig(gke_cluster, self.endpoint, args)
         # Workloads wait for the node pool, not just the control plane.
         self.provider = k8s.Provider(
             f"{name}-k8s",

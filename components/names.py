@@ -26,3 +26,8 @@ def app_labels(app: str, component: str) -> dict[str, str]:
 def selector_labels(app: str) -> dict[str, str]:
     """The stable subset used in selectors (selectors are immutable)."""
     return {"app.kubernetes.io/name": app}
+
+
+# GCP label (on the persistent disks the RabbitMQ StorageClass provisions) whose
+# value is the stack name: what `make destroy` lists to find disks that outlived it.
+STACK_LABEL = "celery-cluster-stack"

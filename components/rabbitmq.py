@@ -11,8 +11,10 @@ integration tests); nothing here writes ``rabbitmq.conf`` text.
 What replaces the article's chart, and why:
 
 * The official image, pinned: no custom image, no ``cmd.sh`` join script. The
-  ``rabbitmq_peer_discovery_k8s`` plugin forms the cluster on first boot (a node
-  that lost its volume joins the existing cluster instead of founding a new one).
+  ``rabbitmq_peer_discovery_k8s`` plugin forms the cluster on first boot. Caveat:
+  from 4.1 the plugin makes pod ``-0`` the seed, and pod 0 that lost its volume
+  boots as the seed of a NEW cluster on 4.1-4.2 (the article's weak point, moved);
+  peer discovery runs only on a blank node, so the other pods keep their cluster.
 * ``podManagementPolicy: Parallel``: with OrderedReady a full restart can deadlock
   (a node waits for peers to boot, the peers wait for it to be Ready).
 * Long node names ``rabbit@<pod>.<headless>.<namespace>`` from the downward API, a
@@ -34,8 +36,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
@@ -43,15 +45,43 @@ import pulumi
 import pulumi_kubernetes as k8s
 import pulumi_random as random
 
-from components import names
-from components.config import MANAGED_STORAGE_TYPES, StackConfig
+from components import kube, names
+from components.config import MANAGED_STORAGE_TYPES, RabbitmqConfig, StackConfig
+from components.gcp_ids import stack_id, stack_label
 from components.rabbitmq_conf import (
     KubernetesDiscovery,
     default_user_conf,
     definitions_json,
     enabled_plugins,
+    needs_kubernetes_api,
     rabbitmq_conf,
 )
+
+
+@dataclass(frozen=True)
+class RabbitmqClusterArgs:
+    """What the RabbitMQ component needs from the stack (Pulumi's ``*Args`` convention)."""
+
+    stack: str
+    rabbitmq: RabbitmqConfig
+    production: bool
+    # The namespace whose pods labelled as AMQP clients may connect (the workers').
+    client_namespace: str
+
+    @classmethod
+    def from_stack(cls, config: StackConfig) -> RabbitmqClusterArgs:
+        return cls(
+            stack=config.stack,
+            rabbitmq=config.rabbitmq,
+            production=config.production,
+            client_namespace=config.workers.namespace,
+        )
+
+    @property
+    def protect(self) -> bool:
+        """Pulumi ``protect`` on what holds the messages (production)."""
+        return self.production
+
 
 # --- names shared by the objects below (and by the workers' broker URLs) ------
 
@@ -65,6 +95,7 @@ ROLE = "rabbitmq-peer-discovery"
 PDB = "rabbitmq-server"
 NETWORK_POLICY = "rabbitmq-server"
 COMPONENT = "broker"
+DNS_LABEL_MAX = 63
 CLUSTER_DOMAIN = "cluster.local"
 
 # The application user (the workers') and its vhost. There is no guest user.
@@ -78,10 +109,11 @@ EPMD_PORT = 4369
 DIST_PORT = 25672  # Erlang distribution: inter-node and CLI traffic
 # CLI tools run a short-lived Erlang node whose distribution port is taken from
 # this range (25672 + 10000 ... + 10010).
-CLI_DIST_PORTS = (35672, 35682)
+CLI_DIST_PORTS = tuple(range(35672, 35683))
 
 # Official image layout: user rabbitmq is uid/gid 999, HOME is /var/lib/rabbitmq
 # (where the node and the CLI tools read .erlang.cookie), data below mnesia/.
+# The data directory keeps its historical name on 4.3 (Khepri) too.
 RABBITMQ_UID = 999
 HOME_DIR = "/var/lib/rabbitmq"
 DATA_DIR = f"{HOME_DIR}/mnesia"
@@ -127,23 +159,20 @@ def selector() -> dict[str, str]:
 
 
 def _metadata(name: str, namespace: str | None = None) -> dict[str, Any]:
-    meta: dict[str, Any] = {"name": name, "labels": labels()}
-    if namespace is not None:
-        meta["namespace"] = namespace
-    return meta
+    return kube.metadata(name, labels(), namespace)
 
 
-def discovery(config: StackConfig) -> KubernetesDiscovery:
-    rmq = config.rabbitmq
+def discovery(args: RabbitmqClusterArgs) -> KubernetesDiscovery:
+    rmq = args.rabbitmq
     return KubernetesDiscovery(HEADLESS_SERVICE, rmq.namespace, rmq.replicas)
 
 
-def pod_fqdn(config: StackConfig, ordinal: int) -> str:
-    ns = config.rabbitmq.namespace
+def pod_fqdn(args: RabbitmqClusterArgs, ordinal: int) -> str:
+    ns = args.rabbitmq.namespace
     return f"{STATEFULSET}-{ordinal}.{HEADLESS_SERVICE}.{ns}.svc.{CLUSTER_DOMAIN}"
 
 
-def broker_urls(config: StackConfig, username: str, password: str) -> list[str]:
+def broker_urls(args: RabbitmqClusterArgs, username: str, password: str) -> list[str]:
     """One amqp URL per pod DNS name: the failover list the workers use.
 
     Pod names resolve through the headless Service from any namespace (the
@@ -151,19 +180,25 @@ def broker_urls(config: StackConfig, username: str, password: str) -> list[str]:
     """
     user, secret, vhost = quote(username, safe=""), quote(password, safe=""), quote(VHOST, safe="")
     return [
-        f"amqp://{user}:{secret}@{pod_fqdn(config, i)}:{AMQP_PORT}/{vhost}"
-        for i in range(config.rabbitmq.replicas)
+        f"amqp://{user}:{secret}@{pod_fqdn(args, i)}:{AMQP_PORT}/{vhost}"
+        for i in range(args.rabbitmq.replicas)
     ]
 
 
-def storage_class_name(config: StackConfig) -> str:
-    """pd-ssd / pd-balanced: a class this component creates; anything else exists already."""
-    storage = config.rabbitmq.storage_class
-    return f"rabbitmq-{storage}" if storage in MANAGED_STORAGE_TYPES else storage
+def storage_class_name(args: RabbitmqClusterArgs) -> str:
+    """pd-ssd / pd-balanced: a class this component creates; anything else exists already.
+
+    A StorageClass is cluster-scoped: the stack is in its name, so two stacks
+    deployed onto one cluster never fight over it.
+    """
+    storage = args.rabbitmq.storage_class
+    if storage not in MANAGED_STORAGE_TYPES:
+        return storage
+    return stack_id(f"rabbitmq-{storage}", args.stack, DNS_LABEL_MAX)
 
 
-def manages_storage_class(config: StackConfig) -> bool:
-    return config.rabbitmq.storage_class in MANAGED_STORAGE_TYPES
+def manages_storage_class(args: RabbitmqClusterArgs) -> bool:
+    return args.rabbitmq.storage_class in MANAGED_STORAGE_TYPES
 
 
 def prestop_timeouts(grace_seconds: int) -> tuple[int, int]:
@@ -180,8 +215,8 @@ def prestop_timeouts(grace_seconds: int) -> tuple[int, int]:
 # --- one builder per Kubernetes object ------------------------------------------------
 
 
-def namespace(config: StackConfig) -> dict[str, Any]:
-    meta = _metadata(config.rabbitmq.namespace)
+def namespace(args: RabbitmqClusterArgs) -> dict[str, Any]:
+    meta = _metadata(args.rabbitmq.namespace)
     # Every pod here meets the "restricted" Pod Security Standard; enforce it.
     meta["labels"] = {
         **meta["labels"],
@@ -191,23 +226,30 @@ def namespace(config: StackConfig) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Namespace", "metadata": meta}
 
 
-def storage_class(config: StackConfig) -> dict[str, Any]:
+def storage_class(args: RabbitmqClusterArgs) -> dict[str, Any]:
     """A GCE PD CSI class of the configured disk type (pd-ssd or pd-balanced)."""
     return {
         "apiVersion": "storage.k8s.io/v1",
         "kind": "StorageClass",
-        "metadata": _metadata(storage_class_name(config)),
+        "metadata": _metadata(storage_class_name(args)),
         "provisioner": "pd.csi.storage.gke.io",
-        "parameters": {"type": config.rabbitmq.storage_class},
+        "parameters": {
+            "type": args.rabbitmq.storage_class,
+            # On every disk it creates: deleting a GKE cluster leaves its disks (and
+            # the bill); `make destroy` lists what carries this stack's label.
+            "labels": f"{names.STACK_LABEL}={stack_label(args.stack)}",
+        },
         # The disk is created in the zone the pod is scheduled to.
         "volumeBindingMode": "WaitForFirstConsumer",
         "allowVolumeExpansion": True,
         # Production: a deleted PVC leaves its disk (and the messages) behind.
-        "reclaimPolicy": "Retain" if config.production else "Delete",
+        "reclaimPolicy": "Retain" if args.production else "Delete",
     }
 
 
-def secret_string_data(config: StackConfig, *, erlang_cookie: str, password: str) -> dict[str, str]:
+def secret_string_data(
+    args: RabbitmqClusterArgs, *, erlang_cookie: str, password: str
+) -> dict[str, str]:
     """The Secret's contents, from the generated cookie and password."""
     return {
         COOKIE_KEY: erlang_cookie,
@@ -220,13 +262,13 @@ def secret_string_data(config: StackConfig, *, erlang_cookie: str, password: str
         # to load"), so the user is in here, as a salted hash.
         DEFINITIONS_KEY: definitions_json(
             VHOST,
-            delivery_limit=config.rabbitmq.delivery_limit,
+            delivery_limit=args.rabbitmq.delivery_limit,
             username=APP_USERNAME,
             password=password,
-            version=config.rabbitmq.version,
+            version=args.rabbitmq.version,
         ),
         # Comma-separated, as CELERY_BROKER_URLS expects.
-        names.BROKER_URLS_KEY: ",".join(broker_urls(config, APP_USERNAME, password)),
+        names.BROKER_URLS_KEY: ",".join(broker_urls(args, APP_USERNAME, password)),
     }
 
 
@@ -236,49 +278,58 @@ def secret_data(string_data: Mapping[str, str]) -> dict[str, str]:
     return {k: base64.b64encode(v.encode()).decode() for k, v in string_data.items()}
 
 
-def secret(config: StackConfig, data: pulumi.Input[Mapping[str, str]]) -> dict[str, Any]:
+def secret(args: RabbitmqClusterArgs, data: pulumi.Input[Mapping[str, str]]) -> dict[str, Any]:
     """Erlang cookie and application credentials (``data`` is a secret Output)."""
     return {
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": _metadata(SECRET, config.rabbitmq.namespace),
+        "metadata": _metadata(SECRET, args.rabbitmq.namespace),
         "type": "Opaque",
         "data": data,
     }
 
 
-def config_map_data(config: StackConfig) -> dict[str, str]:
-    rmq = config.rabbitmq
-    found = discovery(config)
+def config_map_data(args: RabbitmqClusterArgs) -> dict[str, str]:
+    rmq = args.rabbitmq
+    found = discovery(args)
     return {
-        CONF_KEY: rabbitmq_conf(rmq.version, found, definitions_path=DEFINITIONS_FILE),
+        CONF_KEY: rabbitmq_conf(
+            rmq.version,
+            found,
+            disk_free_limit=rmq.disk_free_limit_bytes(args.production),
+            container_memory_limit=rmq.memory_limit_bytes,
+            definitions_path=DEFINITIONS_FILE,
+        ),
         PLUGINS_KEY: enabled_plugins(found),
     }
 
 
-def config_map(config: StackConfig) -> dict[str, Any]:
+def config_map(args: RabbitmqClusterArgs) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": _metadata(CONFIG_MAP, config.rabbitmq.namespace),
-        "data": config_map_data(config),
+        "metadata": _metadata(CONFIG_MAP, args.rabbitmq.namespace),
+        "data": config_map_data(args),
     }
 
 
-def service_account(config: StackConfig) -> dict[str, Any]:
+def service_account(args: RabbitmqClusterArgs) -> dict[str, Any]:
+    # Its own account, never the namespace's default; a token only where the
+    # peer-discovery plugin calls the API (before 4.1).
     return {
         "apiVersion": "v1",
         "kind": "ServiceAccount",
-        "metadata": _metadata(SERVICE_ACCOUNT, config.rabbitmq.namespace),
+        "metadata": _metadata(SERVICE_ACCOUNT, args.rabbitmq.namespace),
+        "automountServiceAccountToken": needs_kubernetes_api(args.rabbitmq.version),
     }
 
 
-def role(config: StackConfig) -> dict[str, Any]:
-    """What rabbitmq_peer_discovery_k8s needs (before 4.1; 4.1+ makes no API calls)."""
+def role(args: RabbitmqClusterArgs) -> dict[str, Any]:
+    """What rabbitmq_peer_discovery_k8s needs before 4.1 (registered only then)."""
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "Role",
-        "metadata": _metadata(ROLE, config.rabbitmq.namespace),
+        "metadata": _metadata(ROLE, args.rabbitmq.namespace),
         "rules": [
             # The plugin GETs the Endpoints of the headless Service, nothing else.
             {
@@ -292,8 +343,8 @@ def role(config: StackConfig) -> dict[str, Any]:
     }
 
 
-def role_binding(config: StackConfig) -> dict[str, Any]:
-    ns = config.rabbitmq.namespace
+def role_binding(args: RabbitmqClusterArgs) -> dict[str, Any]:
+    ns = args.rabbitmq.namespace
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "RoleBinding",
@@ -303,12 +354,12 @@ def role_binding(config: StackConfig) -> dict[str, Any]:
     }
 
 
-def headless_service(config: StackConfig) -> dict[str, Any]:
+def headless_service(args: RabbitmqClusterArgs) -> dict[str, Any]:
     """Stable DNS for every pod: rabbitmq-server-N.<headless>.<ns>.svc."""
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _metadata(HEADLESS_SERVICE, config.rabbitmq.namespace),
+        "metadata": _metadata(HEADLESS_SERVICE, args.rabbitmq.namespace),
         "spec": {
             "clusterIP": "None",
             # Peers must resolve each other while booting, i.e. before Ready.
@@ -327,12 +378,12 @@ def headless_service(config: StackConfig) -> dict[str, Any]:
     }
 
 
-def client_service(config: StackConfig) -> dict[str, Any]:
+def client_service(args: RabbitmqClusterArgs) -> dict[str, Any]:
     """In-cluster only (ClusterIP): the UI is reached with `kubectl port-forward`."""
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _metadata(CLIENT_SERVICE, config.rabbitmq.namespace),
+        "metadata": _metadata(CLIENT_SERVICE, args.rabbitmq.namespace),
         "spec": {
             "type": "ClusterIP",
             "selector": selector(),
@@ -363,9 +414,9 @@ def client_service(config: StackConfig) -> dict[str, Any]:
     }
 
 
-def _anti_affinity(config: StackConfig) -> dict[str, Any]:
+def _anti_affinity(args: RabbitmqClusterArgs) -> dict[str, Any]:
     term = {"labelSelector": {"matchLabels": selector()}, "topologyKey": "kubernetes.io/hostname"}
-    if config.rabbitmq.anti_affinity == "required":
+    if args.rabbitmq.anti_affinity == "required":
         # Never two nodes of the cluster on one machine: losing a VM loses one node.
         return {"requiredDuringSchedulingIgnoredDuringExecution": [term]}
     return {
@@ -375,15 +426,7 @@ def _anti_affinity(config: StackConfig) -> dict[str, Any]:
     }
 
 
-_CONTAINER_SECURITY = {
-    "allowPrivilegeEscalation": False,
-    "capabilities": {"drop": ["ALL"]},
-    "readOnlyRootFilesystem": True,
-    "runAsNonRoot": True,
-}
-
-
-def _setup_container(config: StackConfig) -> dict[str, Any]:
+def _setup_container(args: RabbitmqClusterArgs) -> dict[str, Any]:
     """Copies the cookie from the Secret to $HOME with mode 600, as uid 999.
 
     Erlang refuses a cookie file readable by group or others, and a Secret volume
@@ -393,7 +436,7 @@ def _setup_container(config: StackConfig) -> dict[str, Any]:
     """
     return {
         "name": "setup-erlang-cookie",
-        "image": config.rabbitmq.image,
+        "image": args.rabbitmq.image,
         "imagePullPolicy": "IfNotPresent",
         "command": [
             "/bin/sh",
@@ -405,7 +448,7 @@ def _setup_container(config: StackConfig) -> dict[str, Any]:
             "requests": {"cpu": "10m", "memory": "32Mi"},
             "limits": {"cpu": "100m", "memory": "64Mi"},
         },
-        "securityContext": dict(_CONTAINER_SECURITY),
+        "securityContext": kube.container_security_context(),
         "volumeMounts": [
             {"name": "erlang-cookie-secret", "mountPath": COOKIE_SECRET_DIR, "readOnly": True},
             {"name": "rabbitmq-home", "mountPath": HOME_DIR},
@@ -413,8 +456,8 @@ def _setup_container(config: StackConfig) -> dict[str, Any]:
     }
 
 
-def _prestop_command(config: StackConfig) -> list[str]:
-    await_seconds, drain_seconds = prestop_timeouts(config.rabbitmq.termination_grace_seconds)
+def _prestop_command(args: RabbitmqClusterArgs) -> list[str]:
+    await_seconds, drain_seconds = prestop_timeouts(args.rabbitmq.termination_grace_seconds)
     script = (
         f'if [ -n "$(cat {POD_INFO_DIR}/{SKIP_PRESTOP_LABEL} 2>/dev/null)" ]; then exit 0; fi; '
         # Wait until every quorum queue keeps a majority without this node...
@@ -427,8 +470,14 @@ def _prestop_command(config: StackConfig) -> list[str]:
     return ["/bin/sh", "-c", script]
 
 
-def _rabbitmq_container(config: StackConfig) -> dict[str, Any]:
-    rmq = config.rabbitmq
+def _rabbitmq_container(args: RabbitmqClusterArgs) -> dict[str, Any]:
+    rmq = args.rabbitmq
+    env_suffix = []
+    if needs_kubernetes_api(rmq.version):
+        # Read by the plugin before 4.1 (node name = endpoint hostname + suffix).
+        env_suffix = [
+            {"name": "K8S_HOSTNAME_SUFFIX", "value": ".$(K8S_SERVICE_NAME).$(MY_POD_NAMESPACE)"}
+        ]
     container: dict[str, Any] = {
         "name": "rabbitmq",
         "image": rmq.image,
@@ -448,8 +497,7 @@ def _rabbitmq_container(config: StackConfig) -> dict[str, Any]:
                 "name": "RABBITMQ_NODENAME",
                 "value": "rabbit@$(MY_POD_NAME).$(K8S_SERVICE_NAME).$(MY_POD_NAMESPACE)",
             },
-            # Read by the peer discovery plugin before 4.1 (node name = endpoint hostname + suffix).
-            {"name": "K8S_HOSTNAME_SUFFIX", "value": ".$(K8S_SERVICE_NAME).$(MY_POD_NAMESPACE)"},
+            *env_suffix,
         ],
         "ports": [
             {"name": "epmd", "containerPort": EPMD_PORT, "protocol": "TCP"},
@@ -483,7 +531,7 @@ def _rabbitmq_container(config: StackConfig) -> dict[str, Any]:
         # peers fails any health check by design, and killing it makes a partition
         # or an overload worse. The Erlang VM exits on fatal errors by itself and
         # the kubelet restarts an exited container.
-        "securityContext": dict(_CONTAINER_SECURITY),
+        "securityContext": kube.container_security_context(),
         "volumeMounts": [
             # Writable paths under a read-only root filesystem: $HOME (cookie, CLI
             # state), the data volume below it, logs/crash dumps, /tmp.
@@ -522,7 +570,7 @@ def _rabbitmq_container(config: StackConfig) -> dict[str, Any]:
     if rmq.replicas >= 3:
         # A quorum needs a majority of the other nodes: with fewer than three
         # nodes the hook could only wait for its whole timeout.
-        container["lifecycle"] = {"preStop": {"exec": {"command": _prestop_command(config)}}}
+        container["lifecycle"] = {"preStop": {"exec": {"command": _prestop_command(args)}}}
     return container
 
 
@@ -567,19 +615,19 @@ def _volumes() -> list[dict[str, Any]]:
     ]
 
 
-def config_hash(config: StackConfig) -> str:
+def config_hash(args: RabbitmqClusterArgs) -> str:
     """Changes with the rendered configuration, so a change rolls the pods one by one."""
     # The definitions live in the Secret (they hold the password hash); their
     # topology part, rendered without the user, is hashed here.
     topology = definitions_json(
-        VHOST, delivery_limit=config.rabbitmq.delivery_limit, version=config.rabbitmq.version
+        VHOST, delivery_limit=args.rabbitmq.delivery_limit, version=args.rabbitmq.version
     )
-    data = json.dumps([config_map_data(config), topology], sort_keys=True).encode()
+    data = json.dumps([config_map_data(args), topology], sort_keys=True).encode()
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-def stateful_set(config: StackConfig) -> dict[str, Any]:
-    rmq = config.rabbitmq
+def stateful_set(args: RabbitmqClusterArgs) -> dict[str, Any]:
+    rmq = args.rabbitmq
     return {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
@@ -599,28 +647,22 @@ def stateful_set(config: StackConfig) -> dict[str, Any]:
             "template": {
                 "metadata": {
                     "labels": {**labels(), **selector()},
-                    "annotations": {
-                        CONFIG_HASH_ANNOTATION: config_hash(config),
-                        "prometheus.io/scrape": "true",
-                        "prometheus.io/port": str(PROMETHEUS_PORT),
-                    },
+                    # No prometheus.io/* annotations: GKE Managed Prometheus ignores
+                    # them (it scrapes what PodMonitoring objects select).
+                    "annotations": {CONFIG_HASH_ANNOTATION: config_hash(args)},
                 },
                 "spec": {
                     "serviceAccountName": SERVICE_ACCOUNT,
                     # Peer discovery before 4.1 reads the token to call the API (with
-                    # a hard match: a missing token file crashes the boot). 4.1+
-                    # should not need it; kept mounted as the Operator does.
-                    "automountServiceAccountToken": True,
+                    # a hard match: a missing token file crashes the boot); from 4.1
+                    # it makes no API call, and a pod needs no token at all.
+                    "automountServiceAccountToken": needs_kubernetes_api(rmq.version),
                     "terminationGracePeriodSeconds": rmq.termination_grace_seconds,
                     "securityContext": {
-                        "runAsNonRoot": True,
-                        "runAsUser": RABBITMQ_UID,
-                        "runAsGroup": RABBITMQ_UID,
-                        "fsGroup": RABBITMQ_UID,
+                        **kube.pod_security_context(RABBITMQ_UID),
                         "fsGroupChangePolicy": "OnRootMismatch",
-                        "seccompProfile": {"type": "RuntimeDefault"},
                     },
-                    "affinity": {"podAntiAffinity": _anti_affinity(config)},
+                    "affinity": {"podAntiAffinity": _anti_affinity(args)},
                     "topologySpreadConstraints": [
                         {
                             "maxSkew": 1,
@@ -629,8 +671,8 @@ def stateful_set(config: StackConfig) -> dict[str, Any]:
                             "labelSelector": {"matchLabels": selector()},
                         }
                     ],
-                    "initContainers": [_setup_container(config)],
-                    "containers": [_rabbitmq_container(config)],
+                    "initContainers": [_setup_container(args)],
+                    "containers": [_rabbitmq_container(args)],
                     "volumes": _volumes(),
                 },
             },
@@ -641,7 +683,7 @@ def stateful_set(config: StackConfig) -> dict[str, Any]:
                     "metadata": {"name": "persistence", "labels": selector()},
                     "spec": {
                         "accessModes": ["ReadWriteOnce"],
-                        "storageClassName": storage_class_name(config),
+                        "storageClassName": storage_class_name(args),
                         "resources": {"requests": {"storage": rmq.storage_size}},
                     },
                 }
@@ -650,24 +692,21 @@ def stateful_set(config: StackConfig) -> dict[str, Any]:
     }
 
 
-def pod_disruption_budget(config: StackConfig) -> dict[str, Any]:
+def pod_disruption_budget(args: RabbitmqClusterArgs) -> dict[str, Any]:
     """Drains and upgrades take down one node at a time: a majority stays up."""
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
-        "metadata": _metadata(PDB, config.rabbitmq.namespace),
+        "metadata": _metadata(PDB, args.rabbitmq.namespace),
         "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector()}},
     }
 
 
-def _tcp(port: int, end_port: int | None = None) -> dict[str, Any]:
-    rule: dict[str, Any] = {"protocol": "TCP", "port": port}
-    if end_port is not None:
-        rule["endPort"] = end_port
-    return rule
+def _tcp(port: int) -> dict[str, Any]:
+    return {"protocol": "TCP", "port": port}
 
 
-def network_policy(config: StackConfig) -> dict[str, Any]:
+def network_policy(args: RabbitmqClusterArgs) -> dict[str, Any]:
     """Who may talk to the RabbitMQ pods (ingress only; egress is left open).
 
     Not listed because NetworkPolicy never applies to them: kubelet probes and
@@ -681,7 +720,7 @@ def network_policy(config: StackConfig) -> dict[str, Any]:
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
-        "metadata": _metadata(NETWORK_POLICY, config.rabbitmq.namespace),
+        "metadata": _metadata(NETWORK_POLICY, args.rabbitmq.namespace),
         "spec": {
             "podSelector": {"matchLabels": selector()},
             "policyTypes": ["Ingress"],
@@ -692,7 +731,7 @@ def network_policy(config: StackConfig) -> dict[str, Any]:
                         {
                             "namespaceSelector": {
                                 "matchLabels": {
-                                    "kubernetes.io/metadata.name": config.workers.namespace
+                                    "kubernetes.io/metadata.name": args.client_namespace
                                 }
                             },
                             "podSelector": {"matchLabels": {names.AMQP_CLIENT_LABEL: "true"}},
@@ -706,7 +745,9 @@ def network_policy(config: StackConfig) -> dict[str, Any]:
                     "ports": [
                         _tcp(EPMD_PORT),
                         _tcp(DIST_PORT),
-                        _tcp(*CLI_DIST_PORTS),
+                        # One by one, not endPort: Cilium before 1.16 (GKE
+                        # Dataplane V2) ignored endPort ranges.
+                        *(_tcp(port) for port in CLI_DIST_PORTS),
                         _tcp(AMQP_PORT),
                         _tcp(MANAGEMENT_PORT),
                         _tcp(PROMETHEUS_PORT),
@@ -724,41 +765,22 @@ def network_policy(config: StackConfig) -> dict[str, Any]:
 
 # --- registration ---------------------------------------------------------------------
 
-_KINDS: dict[tuple[str, str], Callable[..., pulumi.CustomResource]] = {
-    ("v1", "Namespace"): k8s.core.v1.Namespace,
-    ("v1", "Secret"): k8s.core.v1.Secret,
-    ("v1", "ConfigMap"): k8s.core.v1.ConfigMap,
-    ("v1", "ServiceAccount"): k8s.core.v1.ServiceAccount,
-    ("v1", "Service"): k8s.core.v1.Service,
-    ("rbac.authorization.k8s.io/v1", "Role"): k8s.rbac.v1.Role,
-    ("rbac.authorization.k8s.io/v1", "RoleBinding"): k8s.rbac.v1.RoleBinding,
-    ("storage.k8s.io/v1", "StorageClass"): k8s.storage.v1.StorageClass,
-    ("apps/v1", "StatefulSet"): k8s.apps.v1.StatefulSet,
-    ("policy/v1", "PodDisruptionBudget"): k8s.policy.v1.PodDisruptionBudget,
-    ("networking.k8s.io/v1", "NetworkPolicy"): k8s.networking.v1.NetworkPolicy,
-}
+register = kube.register
 
 
-def _snake(key: str) -> str:
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", key).lower()
-
-
-def register(
-    name: str, manifest: Mapping[str, Any], opts: pulumi.ResourceOptions
-) -> pulumi.CustomResource:
-    """Register a manifest with its typed class; the dict parts pass through as is."""
-    cls = _KINDS[(manifest["apiVersion"], manifest["kind"])]
-    args = {_snake(k): v for k, v in manifest.items() if k not in ("apiVersion", "kind")}
-    return cls(name, opts=opts, **args)
-
-
-def _stateful_set_timeouts(config: StackConfig) -> pulumi.CustomTimeouts:
+def stateful_set_timeouts(args: RabbitmqClusterArgs) -> pulumi.CustomTimeouts:
+    """Longer than what Kubernetes itself may take, so Pulumi never gives up first."""
+    rmq = args.rabbitmq
     # A rolling update replaces the pods one by one; each may drain for its
     # whole grace period and then boot for up to the startup budget.
-    rmq = config.rabbitmq
     per_pod = rmq.termination_grace_seconds + STARTUP_BUDGET_SECONDS
     update_minutes = -(-rmq.replicas * per_pod // 60) + 5
-    return pulumi.CustomTimeouts(create="30m", update=f"{update_minutes}m")
+    # Deletion stops every pod at once (Parallel): each runs its preStop hook
+    # inside the grace period, then SIGTERM; pulumi-kubernetes' default is 10 min.
+    delete_minutes = -(-rmq.termination_grace_seconds // 60) + 5
+    return pulumi.CustomTimeouts(
+        create="30m", update=f"{update_minutes}m", delete=f"{delete_minutes}m"
+    )
 
 
 class RabbitmqCluster(pulumi.ComponentResource):
@@ -766,18 +788,19 @@ class RabbitmqCluster(pulumi.ComponentResource):
 
     namespace: str
     broker_urls: pulumi.Output[list[str]]
+    server: pulumi.CustomResource
     username: pulumi.Output[str]
     password: pulumi.Output[str]
 
     def __init__(
         self,
         name: str,
-        config: StackConfig,
+        args: RabbitmqClusterArgs,
         provider: k8s.Provider,
         opts: pulumi.ResourceOptions | None = None,
     ) -> None:
         super().__init__("celerycluster:rabbitmq:RabbitmqCluster", name, {}, opts)
-        rmq = config.rabbitmq
+        rmq = args.rabbitmq
         self.namespace = rmq.namespace
 
         # Generated once and kept in the state (secret): never a literal.
@@ -789,51 +812,53 @@ class RabbitmqCluster(pulumi.ComponentResource):
         self.username = pulumi.Output.secret(APP_USERNAME)
         self.password = pulumi.Output.secret(app_password.result)
         self.broker_urls = pulumi.Output.secret(
-            app_password.result.apply(lambda p: broker_urls(config, APP_USERNAME, p))
+            app_password.result.apply(lambda p: broker_urls(args, APP_USERNAME, p))
         )
 
         child = pulumi.ResourceOptions(parent=self, provider=provider)
-        ns = register(f"{name}-namespace", namespace(config), child)
+        ns = register(f"{name}-namespace", namespace(args), child)
         in_ns = pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(depends_on=[ns]))
 
         dependencies: list[pulumi.Resource] = []
-        if manages_storage_class(config):
+        if manages_storage_class(args):
             dependencies.append(
                 register(
                     f"{name}-storage-class",
-                    storage_class(config),
+                    storage_class(args),
                     pulumi.ResourceOptions.merge(
-                        child, pulumi.ResourceOptions(protect=config.protect)
+                        child, pulumi.ResourceOptions(protect=args.protect)
                     ),
                 )
             )
 
         data: pulumi.Output[dict[str, str]] = pulumi.Output.all(
             cookie.result, app_password.result
-        ).apply(
-            lambda v: secret_data(secret_string_data(config, erlang_cookie=v[0], password=v[1]))
-        )
+        ).apply(lambda v: secret_data(secret_string_data(args, erlang_cookie=v[0], password=v[1])))
         dependencies += [
-            register(f"{name}-credentials", secret(config, pulumi.Output.secret(data)), in_ns),
-            register(f"{name}-config", config_map(config), in_ns),
-            register(f"{name}-service-account", service_account(config), in_ns),
-            register(f"{name}-role", role(config), in_ns),
-            register(f"{name}-role-binding", role_binding(config), in_ns),
-            register(f"{name}-headless", headless_service(config), in_ns),
+            register(f"{name}-credentials", secret(args, pulumi.Output.secret(data)), in_ns),
+            register(f"{name}-config", config_map(args), in_ns),
+            register(f"{name}-service-account", service_account(args), in_ns),
+            register(f"{name}-headless", headless_service(args), in_ns),
         ]
-        register(f"{name}-client", client_service(config), in_ns)
-        register(f"{name}-pdb", pod_disruption_budget(config), in_ns)
-        register(f"{name}-network-policy", network_policy(config), in_ns)
+        if needs_kubernetes_api(rmq.version):
+            dependencies += [
+                register(f"{name}-role", role(args), in_ns),
+                register(f"{name}-role-binding", role_binding(args), in_ns),
+            ]
+        register(f"{name}-client", client_service(args), in_ns)
+        register(f"{name}-pdb", pod_disruption_budget(args), in_ns)
+        register(f"{name}-network-policy", network_policy(args), in_ns)
         # The data lives here (and in the PVCs it creates): protected in production.
-        register(
+        # Awaited until every pod is Ready: what depends on it finds a broker.
+        self.server = register(
             f"{name}-server",
-            stateful_set(config),
+            stateful_set(args),
             pulumi.ResourceOptions.merge(
                 in_ns,
                 pulumi.ResourceOptions(
                     depends_on=dependencies,
-                    protect=config.protect,
-                    custom_timeouts=_stateful_set_timeouts(config),
+                    protect=args.protect,
+                    custom_timeouts=stateful_set_timeouts(args),
                 ),
             ),
         )

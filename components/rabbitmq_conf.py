@@ -46,6 +46,14 @@ Design notes (the "why" behind every key):
   health endpoints), not to this file.
 * ``log.console = true`` / ``log.file = false``: one log stream, on stdout, which
   is what ``kubectl logs`` reads and what the local harness captures to a file.
+* ``total_memory_available_override_value``: RabbitMQ (4.x too) sizes its memory
+  watermark from the machine's ``/proc/meminfo``, not from the container's cgroup
+  limit, so a 4Gi pod on a 16 GB node would be OOM-killed long before its memory
+  alarm blocks publishers.  Given the container's memory limit, the renderer
+  states the memory available as that limit minus the Erlang VM's headroom (20 %,
+  at most 2 GiB: the Cluster Operator's rule), see :func:`memory_available`.
+* ``auth_mechanisms``: only PLAIN and AMQPLAIN (user name and password).  4.x
+  enables ANONYMOUS by default; nothing here should ever log in without a password.
 """
 
 from __future__ import annotations
@@ -63,6 +71,8 @@ __all__ = [
     "default_user_conf",
     "definitions_json",
     "enabled_plugins",
+    "memory_available",
+    "needs_kubernetes_api",
     "parse_version",
     "rabbitmq_conf",
     "rabbitmq_password_hash",
@@ -82,6 +92,11 @@ _K8S_DISCOVERY_V2_FROM = (4, 1, 0)
 _QQ_RECONCILIATION_FROM = (3, 13, 0)
 #: First release where a policy can ``apply-to`` one queue type (``quorum_queues``).
 _QUEUE_TYPE_POLICIES_FROM = (3, 12, 0)
+
+#: The Erlang VM's headroom above RabbitMQ's own accounting: 20 % of the container's
+#: memory limit, at most 2 GiB (as the Cluster Operator's ``removeHeadroom``).
+MEMORY_HEADROOM_FRACTION = 0.2
+MEMORY_HEADROOM_MAX_BYTES = 2 * 1024**3
 
 # "3.10.8", "4.1.4", "3.13" (image tags), "4.1.4-management",
 # "3.10.8-1.1+deb12u1" (Debian), "1:3.10.8-1" (Debian epoch).
@@ -165,6 +180,32 @@ def supports_partition_handling(version: str) -> bool:
     return parse_version(version) < _NO_PARTITION_HANDLING_FROM
 
 
+def needs_kubernetes_api(version: str) -> bool:
+    """True when Kubernetes peer discovery calls the API server (before 4.1).
+
+    Then the pods need a service-account token and RBAC (``get`` endpoints, ``create``
+    events).  From 4.1 the plugin derives the seed node ``<statefulset>-0`` from its
+    own node name and makes no API call (verified on 4.3.6), so neither is needed.
+    """
+    return parse_version(version) < _K8S_DISCOVERY_V2_FROM
+
+
+def memory_available(container_memory_limit: int) -> int:
+    """Bytes RabbitMQ may treat as the machine's memory inside a container limit.
+
+    The limit minus the Erlang VM's headroom: 20 % of it, at most 2 GiB.  RabbitMQ's
+    memory watermark (0.6 by default) then applies to this figure.
+    """
+    if container_memory_limit < 64 * 1024**2:
+        raise ValueError(
+            f"container_memory_limit must be at least 64 MiB, got {container_memory_limit!r}"
+        )
+    headroom = min(
+        int(container_memory_limit * MEMORY_HEADROOM_FRACTION), MEMORY_HEADROOM_MAX_BYTES
+    )
+    return container_memory_limit - headroom
+
+
 def supports_queue_type_policies(version: str) -> bool:
     """True when a policy can ``apply-to: quorum_queues`` (RabbitMQ 3.12+)."""
     return parse_version(version) >= _QUEUE_TYPE_POLICIES_FROM
@@ -220,7 +261,8 @@ def rabbitmq_conf(
     amqp_port: int = 5672,
     management_port: int = 15672,
     prometheus_port: int = 15692,
-    disk_free_limit: str = "2GB",
+    disk_free_limit: str | int = "2GB",
+    container_memory_limit: int | None = None,
     definitions_path: str | None = None,
 ) -> str:
     """Render ``rabbitmq.conf`` (new-style, sysctl format) for one RabbitMQ version.
@@ -242,10 +284,24 @@ def rabbitmq_conf(
             f"ports must differ: amqp={amqp_port}, management={management_port}, "
             f"prometheus={prometheus_port}"
         )
-    if not re.fullmatch(r"\d+(\.\d+)?([kKmMgGtT][bB]?|[kKmMgG][iI][bB])?", disk_free_limit):
-        raise ValueError(
-            f"disk_free_limit must look like '2GB' or '500MB', got {disk_free_limit!r}"
+    if isinstance(disk_free_limit, bool) or not (
+        (isinstance(disk_free_limit, int) and disk_free_limit > 0)
+        or (
+            isinstance(disk_free_limit, str)
+            and re.fullmatch(r"\d+(\.\d+)?([kKmMgGtT][bB]?|[kKmMgG][iI][bB])?", disk_free_limit)
         )
+    ):
+        raise ValueError(
+            "disk_free_limit must look like '2GB' or '500MB', or be a positive number of "
+            f"bytes, got {disk_free_limit!r}"
+        )
+    memory_lines = []
+    if container_memory_limit is not None:
+        memory_lines = [
+            "## Memory: the container's limit, not the node's /proc/meminfo, less the",
+            "## Erlang VM's headroom; the memory alarm (watermark 0.6) fires within it.",
+            f"total_memory_available_override_value = {memory_available(container_memory_limit)}",
+        ]
     if definitions_path is not None and (
         not definitions_path.startswith("/") or "\n" in definitions_path
     ):
@@ -267,6 +323,11 @@ def rabbitmq_conf(
         "",
         "## Resources: block publishers before the disk fills up.",
         f"disk_free_limit.absolute = {disk_free_limit}",
+        *memory_lines,
+        "",
+        "## Authentication: a user's credentials only (4.x enables ANONYMOUS by default).",
+        "auth_mechanisms.1 = PLAIN",
+        "auth_mechanisms.2 = AMQPLAIN",
         "",
     ]
     if parsed < _NO_PARTITION_HANDLING_FROM:

@@ -11,8 +11,16 @@ import pulumi_docker_build as docker_build
 import pulumi_gcp as gcp
 
 from components.config import StackConfig
+from components.gcp_ids import stack_id
 
-REPOSITORY_ID = "celery-workers"
+# Artifact Registry repository IDs: lowercase letters, digits and hyphens, at most 63.
+REPOSITORY_ID_PREFIX = "celery-workers"
+REPOSITORY_ID_MAX = 63
+
+
+def repository_id(config: StackConfig) -> str:
+    """Per stack: dev and prod may share one GCP project (and one region)."""
+    return stack_id(REPOSITORY_ID_PREFIX, config.stack, REPOSITORY_ID_MAX)
 
 
 def artifact_repository(
@@ -22,7 +30,7 @@ def artifact_repository(
         "workers-images",
         project=config.gcp_project,
         location=config.gke.region,
-        repository_id=REPOSITORY_ID,
+        repository_id=repository_id(config),
         format="DOCKER",
         description="Celery worker images",
         opts=opts,
@@ -31,7 +39,7 @@ def artifact_repository(
 
 def image_name(config: StackConfig) -> str:
     registry = f"{config.gke.region}-docker.pkg.dev"
-    return f"{registry}/{config.gcp_project}/{REPOSITORY_ID}/celery-worker"
+    return f"{registry}/{config.gcp_project}/{repository_id(config)}/celery-worker"
 
 
 def built_image(

@@ -9,13 +9,18 @@ local tests boot.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
 
 import pulumi
 import pulumi_kubernetes as k8s
 
-from components.config import StackConfig
+from app.settings import ENV_BROKER_URLS, ENV_CONCURRENCY, ENV_POOL
+from components import kube
+from components.config import SchedulerConfig, StackConfig, WorkersConfig
+from components.kube import Manifest
 from components.names import (
     AMQP_CLIENT_LABEL,
     BROKER_URLS_KEY,
@@ -28,74 +33,62 @@ from components.names import (
 BROKER_SECRET = "celery-broker"
 SERVICE_ACCOUNT = "celery-worker"
 APP_UID = 10001
-
-Manifest = dict[str, Any]
-
-
-def _metadata(name: str, namespace: str, labels: dict[str, str], **extra: Any) -> Manifest:
-    return {"name": name, "namespace": namespace, "labels": labels, **extra}
+SCHEDULER_JOB = "celery-scheduler"
+# The scheduler publishes a few thousand confirmed tasks a second and retries a
+# broker outage for its own budget; past this the Job (and `pulumi up`) fails.
+SCHEDULER_DEADLINE_SECONDS = 15 * 60
 
 
-def namespace(config: StackConfig) -> Manifest:
+@dataclass(frozen=True)
+class CeleryWorkersArgs:
+    """What the workers component needs from the stack (Pulumi's ``*Args`` convention)."""
+
+    workers: WorkersConfig
+
+    @classmethod
+    def from_stack(cls, config: StackConfig) -> CeleryWorkersArgs:
+        return cls(workers=config.workers)
+
+
+def namespace(args: CeleryWorkersArgs) -> Manifest:
     return {
         "apiVersion": "v1",
         "kind": "Namespace",
-        "metadata": {
-            "name": config.workers.namespace,
-            "labels": app_labels(WORKER_APP, "namespace"),
-        },
+        "metadata": kube.metadata(args.workers.namespace, app_labels(WORKER_APP, "namespace")),
     }
 
 
-def broker_secret(config: StackConfig, broker_urls: pulumi.Input[Sequence[str]]) -> Manifest:
+def broker_secret(args: CeleryWorkersArgs, broker_urls: pulumi.Input[Sequence[str]]) -> Manifest:
     """The failover list, credentials inside: never plain text in the Deployment."""
     joined: pulumi.Output[str] = pulumi.Output.from_input(broker_urls).apply(",".join)
     urls: pulumi.Output[str] = pulumi.Output.secret(joined)
     return {
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": _metadata(
-            BROKER_SECRET, config.workers.namespace, app_labels(WORKER_APP, "broker")
+        "metadata": kube.metadata(
+            BROKER_SECRET, app_labels(WORKER_APP, "broker"), args.workers.namespace
         ),
         "type": "Opaque",
         "stringData": {BROKER_URLS_KEY: urls},
     }
 
 
-def service_account(config: StackConfig) -> Manifest:
+def service_account(args: CeleryWorkersArgs) -> Manifest:
     # Workers never call the Kubernetes API: no token in the pod.
     return {
         "apiVersion": "v1",
         "kind": "ServiceAccount",
-        "metadata": _metadata(
-            SERVICE_ACCOUNT, config.workers.namespace, app_labels(WORKER_APP, "worker")
+        "metadata": kube.metadata(
+            SERVICE_ACCOUNT, app_labels(WORKER_APP, "worker"), args.workers.namespace
         ),
         "automountServiceAccountToken": False,
-    }
-
-
-def _pod_security_context() -> Manifest:
-    return {
-        "runAsNonRoot": True,
-        "runAsUser": APP_UID,
-        "runAsGroup": APP_UID,
-        "fsGroup": APP_UID,
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
-
-
-def _container_security_context() -> Manifest:
-    return {
-        "allowPrivilegeEscalation": False,
-        "readOnlyRootFilesystem": True,
-        "capabilities": {"drop": ["ALL"]},
     }
 
 
 def _broker_env() -> list[Manifest]:
     return [
         {
-            "name": "CELERY_BROKER_URLS",
+            "name": ENV_BROKER_URLS,
             "valueFrom": {"secretKeyRef": {"name": BROKER_SECRET, "key": BROKER_URLS_KEY}},
         }
     ]
@@ -114,8 +107,8 @@ def worker_command() -> list[str]:
     ]
 
 
-def deployment(config: StackConfig, image: pulumi.Input[str]) -> Manifest:
-    workers = config.workers
+def deployment(args: CeleryWorkersArgs, image: pulumi.Input[str]) -> Manifest:
+    workers = args.workers
     labels = {**app_labels(WORKER_APP, "worker"), AMQP_CLIENT_LABEL: "true"}
     spread = [
         {
@@ -132,11 +125,11 @@ def deployment(config: StackConfig, image: pulumi.Input[str]) -> Manifest:
         "command": worker_command(),
         "env": [
             *_broker_env(),
-            {"name": "CELERY_POOL", "value": workers.pool},
-            {"name": "CELERY_CONCURRENCY", "value": str(workers.concurrency)},
+            {"name": ENV_POOL, "value": workers.pool},
+            {"name": ENV_CONCURRENCY, "value": str(workers.concurrency)},
         ],
         "resources": workers.resources.to_kubernetes(),
-        "securityContext": _container_security_context(),
+        "securityContext": kube.container_security_context(),
         # A worker whose consumer loop is wedged stops refreshing its heartbeat
         # file; the check never talks to the broker, so a broker failover does
         # not restart healthy workers.
@@ -162,7 +155,7 @@ def deployment(config: StackConfig, image: pulumi.Input[str]) -> Manifest:
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _metadata("celery-worker", workers.namespace, labels),
+        "metadata": kube.metadata("celery-worker", labels, workers.namespace),
         "spec": {
             "replicas": workers.replicas,
             "selector": {"matchLabels": selector_labels(WORKER_APP)},
@@ -179,7 +172,7 @@ def deployment(config: StackConfig, image: pulumi.Input[str]) -> Manifest:
                     # SIGTERM starts Celery's warm shutdown: no new tasks, the
                     # running ones finish. The grace period outlasts the longest task.
                     "terminationGracePeriodSeconds": workers.termination_grace_seconds,
-                    "securityContext": _pod_security_context(),
+                    "securityContext": kube.pod_security_context(APP_UID),
                     "topologySpreadConstraints": spread,
                     "containers": [container],
                     "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}],
@@ -189,54 +182,67 @@ def deployment(config: StackConfig, image: pulumi.Input[str]) -> Manifest:
     }
 
 
-def pod_disruption_budget(config: StackConfig) -> Manifest:
+def pod_disruption_budget(args: CeleryWorkersArgs) -> Manifest:
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
-        "metadata": _metadata(
-            "celery-worker", config.workers.namespace, app_labels(WORKER_APP, "worker")
+        "metadata": kube.metadata(
+            "celery-worker", app_labels(WORKER_APP, "worker"), args.workers.namespace
         ),
         "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(WORKER_APP)}},
     }
 
 
-def network_policy(config: StackConfig) -> Manifest:
+def network_policy(args: CeleryWorkersArgs) -> Manifest:
     """Workers and the scheduler serve nothing: no ingress at all."""
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
-        "metadata": _metadata(
-            "deny-ingress", config.workers.namespace, app_labels(WORKER_APP, "network")
+        "metadata": kube.metadata(
+            "deny-ingress", app_labels(WORKER_APP, "network"), args.workers.namespace
         ),
         "spec": {"podSelector": {}, "policyTypes": ["Ingress"]},
     }
 
 
-def scheduler_job(config: StackConfig, image: pulumi.Input[str]) -> Manifest:
+def scheduler_run_key(scheduler: SchedulerConfig) -> str:
+    """What identifies one scheduler run: its own settings, never the image.
+
+    The Job is named after it, so a new worker image leaves a finished run alone
+    and only a change of these (e.g. a new ``runId``) enqueues the tasks again.
+    """
+    own = {
+        "runId": scheduler.run_id,
+        "tasks": scheduler.tasks,
+        "taskSeconds": scheduler.task_seconds,
+    }
+    return hashlib.sha256(json.dumps(own, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def scheduler_job(args: CeleryWorkersArgs, image: pulumi.Input[str]) -> Manifest:
     """The article's scheduler (a bare Pod there): enqueue `tasks` count tasks once."""
-    scheduler = config.workers.scheduler
+    scheduler = args.workers.scheduler
     labels = {**app_labels(SCHEDULER_APP, "scheduler"), AMQP_CLIENT_LABEL: "true"}
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": _metadata(
-            "celery-scheduler",
-            config.workers.namespace,
-            labels,
-            # Publishing 10,000 confirmed tasks outlasts Pulumi's default await.
-            annotations={"pulumi.com/skipAwait": "true"},
+        "metadata": kube.metadata(
+            f"{SCHEDULER_JOB}-{scheduler_run_key(scheduler)}", labels, args.workers.namespace
         ),
         "spec": {
-            # A retried scheduler would enqueue every task again: run once.
+            # A retried scheduler would enqueue every task again: run once. A
+            # failure fails `pulumi up` (the Job is awaited), it is not retried.
             "backoffLimit": 0,
-            "ttlSecondsAfterFinished": 86400,
+            "activeDeadlineSeconds": SCHEDULER_DEADLINE_SECONDS,
+            # No ttlSecondsAfterFinished: a Job deleted by its TTL would be
+            # re-created by the next `pulumi up` after a refresh, enqueuing again.
             "template": {
                 "metadata": {"labels": labels},
                 "spec": {
                     "restartPolicy": "Never",
                     "serviceAccountName": SERVICE_ACCOUNT,
                     "automountServiceAccountToken": False,
-                    "securityContext": _pod_security_context(),
+                    "securityContext": kube.pod_security_context(APP_UID),
                     "containers": [
                         {
                             "name": "scheduler",
@@ -249,14 +255,24 @@ def scheduler_job(config: StackConfig, image: pulumi.Input[str]) -> Manifest:
                                 f"--task-seconds={scheduler.task_seconds:g}",
                             ],
                             "env": _broker_env(),
-                            "resources": config.workers.resources.to_kubernetes(),
-                            "securityContext": _container_security_context(),
+                            "resources": args.workers.resources.to_kubernetes(),
+                            "securityContext": kube.container_security_context(),
                         }
                     ],
                 },
             },
         },
     }
+
+
+def scheduler_options(args: CeleryWorkersArgs) -> pulumi.ResourceOptions:
+    """Awaited (a failed run fails `pulumi up`), and never updated in place."""
+    return pulumi.ResourceOptions(
+        # The name carries the run key: a changed run is a new resource. Anything
+        # else in the spec (the image digest above all) must not touch a finished run.
+        ignore_changes=["spec"],
+        custom_timeouts=pulumi.CustomTimeouts(create=f"{SCHEDULER_DEADLINE_SECONDS // 60 + 5}m"),
+    )
 
 
 class CeleryWorkers(pulumi.ComponentResource):
@@ -267,64 +283,43 @@ class CeleryWorkers(pulumi.ComponentResource):
     def __init__(
         self,
         name: str,
-        config: StackConfig,
+        args: CeleryWorkersArgs,
         provider: k8s.Provider,
         broker_urls: pulumi.Input[Sequence[str]],
         image: pulumi.Input[str],
+        broker: pulumi.Resource | None = None,
         opts: pulumi.ResourceOptions | None = None,
     ) -> None:
+        """``broker``: the RabbitMQ resource the scheduler must wait for (awaited Ready)."""
         super().__init__("celerycluster:workers:CeleryWorkers", name, {}, opts)
-        self.namespace = config.workers.namespace
+        self.namespace = args.workers.namespace
         child = pulumi.ResourceOptions(parent=self, provider=provider)
 
-        ns = namespace(config)
-        ns_resource = k8s.core.v1.Namespace(
-            f"{name}-namespace", metadata=ns["metadata"], opts=child
-        )
-        in_ns = pulumi.ResourceOptions.merge(
-            child, pulumi.ResourceOptions(depends_on=[ns_resource])
-        )
-
-        secret = broker_secret(config, broker_urls)
-        secret_resource = k8s.core.v1.Secret(
-            f"{name}-broker",
-            metadata=secret["metadata"],
-            type=secret["type"],
-            string_data=secret["stringData"],
-            opts=in_ns,
-        )
-        account = service_account(config)
-        account_resource = k8s.core.v1.ServiceAccount(
-            f"{name}-account",
-            metadata=account["metadata"],
-            automount_service_account_token=account["automountServiceAccountToken"],
-            opts=in_ns,
-        )
+        ns = kube.register(f"{name}-namespace", namespace(args), child)
+        in_ns = pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(depends_on=[ns]))
+        secret = kube.register(f"{name}-broker", broker_secret(args, broker_urls), in_ns)
+        account = kube.register(f"{name}-account", service_account(args), in_ns)
         ready = pulumi.ResourceOptions.merge(
-            in_ns, pulumi.ResourceOptions(depends_on=[secret_resource, account_resource])
+            in_ns, pulumi.ResourceOptions(depends_on=[secret, account])
         )
-
-        workload = deployment(config, image)
-        self.deployment = k8s.apps.v1.Deployment(
-            f"{name}-deployment", metadata=workload["metadata"], spec=workload["spec"], opts=ready
-        )
-        budget = pod_disruption_budget(config)
-        k8s.policy.v1.PodDisruptionBudget(
-            f"{name}-pdb", metadata=budget["metadata"], spec=budget["spec"], opts=in_ns
-        )
-        policy = network_policy(config)
-        k8s.networking.v1.NetworkPolicy(
-            f"{name}-deny-ingress", metadata=policy["metadata"], spec=policy["spec"], opts=in_ns
-        )
-        if config.workers.scheduler.enabled:
-            job = scheduler_job(config, image)
-            # After the workers, so the first tasks are picked up at once.
-            k8s.batch.v1.Job(
-                f"{name}-scheduler",
-                metadata=job["metadata"],
-                spec=job["spec"],
-                opts=pulumi.ResourceOptions.merge(
-                    ready, pulumi.ResourceOptions(depends_on=[self.deployment])
+        self.deployment = kube.register(f"{name}-deployment", deployment(args, image), ready)
+        kube.register(f"{name}-pdb", pod_disruption_budget(args), in_ns)
+        kube.register(f"{name}-deny-ingress", network_policy(args), in_ns)
+        scheduler = args.workers.scheduler
+        if scheduler.enabled:
+            # After the workers (the first tasks are picked up at once) and after
+            # every RabbitMQ pod is Ready.
+            waits_for: list[pulumi.Resource] = [self.deployment]
+            if broker is not None:
+                waits_for.append(broker)
+            kube.register(
+                f"{name}-scheduler-{scheduler_run_key(scheduler)}",
+                scheduler_job(args, image),
+                pulumi.ResourceOptions.merge(
+                    ready,
+                    pulumi.ResourceOptions.merge(
+                        scheduler_options(args), pulumi.ResourceOptions(depends_on=waits_for)
+                    ),
                 ),
             )
         self.register_outputs({"namespace": self.namespace})

@@ -1,6 +1,8 @@
 """The mock runner the tests use; it lives in :mod:`tools.mockrun` (``make plan`` uses it too)."""
 
 from tools.mockrun import (
+    MOCK_CLUSTER_DNS,
+    MOCK_CLUSTER_IP,
     PROJECT,
     ROOT,
     SECRET_SIGNATURE,
@@ -17,6 +19,8 @@ from tools.mockrun import (
 )
 
 __all__ = [
+    "MOCK_CLUSTER_DNS",
+    "MOCK_CLUSTER_IP",
     "PROJECT",
     "ROOT",
     "SECRET_SIGNATURE",

@@ -1,8 +1,9 @@
 """Run the real `__main__.py` under Pulumi's mocks and record what it registers.
 
 No Pulumi CLI, no provider plugin, no cloud: the program's resource graph,
-every input, and the options the engine would see (protect, parent, provider)
-are captured from the mock monitor, in one fresh Pulumi runtime per run.
+every input, and the options the engine would see (protect, parent, provider,
+ignoreChanges, dependencies) are captured from the mock monitor, in one fresh
+Pulumi runtime per run.
 
 Used by the tests (through ``tests/program.py``) and by ``make plan``
 (:mod:`tools.plan`), which writes what a run registered to ``out/plan/``.
@@ -29,6 +30,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PROJECT = "celery-cluster"
 # What `pulumi config set gcp:project ...` adds to a stack file in the README's steps.
 TEST_GCP_PROJECT = "celery-cluster-test"
+# What the mocks say GCP computed for every cluster.
+MOCK_CLUSTER_IP = "203.0.113.10"
+MOCK_CLUSTER_DNS = "gke-0123456789abcdef0123456789abcdef-000000000000.us-east1.gke.goog"
 
 
 def stack_names() -> list[str]:
@@ -60,6 +64,10 @@ class Registered:
     additional_secret_outputs: list[str]
     # The keys the program passed (``inputs`` also holds what the mocks computed).
     input_keys: list[str] = field(default_factory=list)
+    # Property names whose changes the engine ignores (the resource's own option).
+    ignore_changes: list[str] = field(default_factory=list)
+    # URNs registered before this one may be: explicit depends_on and inputs' resources.
+    dependencies: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -119,10 +127,16 @@ class _Mocks(pulumi.runtime.Mocks):
         outputs = dict(args.inputs)
         if args.typ == "gcp:container/cluster:Cluster":
             # Computed by GCP at creation time; the kubeconfig is built from them.
+            endpoints = dict(args.inputs.get("controlPlaneEndpointsConfig") or {})
+            endpoints["dnsEndpointConfig"] = {
+                **(endpoints.get("dnsEndpointConfig") or {}),
+                "endpoint": MOCK_CLUSTER_DNS,
+            }
             outputs.update(
                 name=args.inputs.get("name", args.name),
-                endpoint="203.0.113.10",
+                endpoint=MOCK_CLUSTER_IP,
                 masterAuth={"clusterCaCertificate": "TU9DSy1DQQ=="},
+                controlPlaneEndpointsConfig=endpoints,
             )
         elif args.typ == "gcp:serviceaccount/account:Account":
             outputs["email"] = (
@@ -171,6 +185,8 @@ class _RecordingMonitor(pulumi_mocks.MockMonitor):
                     retain_on_delete=request.retainOnDelete,
                     additional_secret_outputs=list(request.additionalSecretOutputs),
                     input_keys=sorted(request.object.fields.keys()),
+                    ignore_changes=list(request.ignoreChanges),
+                    dependencies=list(request.dependencies),
                 )
             )
         return response

@@ -12,6 +12,7 @@ is accepted, per check, resource and stack, with the reason. Fails on:
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import subprocess
 import sys
@@ -51,7 +52,8 @@ class Suppression:
     def explains(self, finding: Finding) -> bool:
         return (
             finding.check_id == self.check
-            and finding.resource in self.resources
+            # A resource may be a glob: the scheduler Job's name carries its run key.
+            and any(fnmatch.fnmatchcase(finding.resource, r) for r in self.resources)
             and (self.stacks is None or finding.stack in self.stacks)
         )
 

@@ -123,6 +123,12 @@ def test_existing_target_needs_no_gcp_project() -> None:
         ("celery-cluster:gke", ["spot"], "yes", "true or false"),
         ("celery-cluster:gke", ["subnetCidr"], "10.0.0.0/33", "CIDR"),
         ("celery-cluster:kubernetes", ["version"], "1.20", "1.33"),
+        ("celery-cluster:gke", ["minMasterVersion"], "latest", "a GKE version such as 1.33"),
+        ("celery-cluster:gke", ["minMasterVersion"], "v1.33", "a GKE version such as 1.33"),
+        ("celery-cluster:gke", ["minMasterVersion"], "1.33.5-gke", "1.33.5-gke.1000"),
+        ("celery-cluster:gke", ["minMasterVersion"], "1.32", "at least kubernetes.version"),
+        ("celery-cluster:gke", ["controlPlane"], "public", "'dns', 'ip'"),
+        ("celery-cluster:gke", ["authorizedNetworks"], "10.0.0.0/8", "a list"),
         ("celery-cluster:workers", ["pool"], "gevent", "'threads', 'prefork', 'solo'"),
         ("celery-cluster:workers", ["resources", "memoryRequest"], "lots", "Kubernetes quantity"),
     ],
@@ -138,6 +144,17 @@ def test_malformed_values_name_key_value_and_allowed(
         config[key] = value
         full_key = key
     _rejected(config, "dev", full_key, repr(value), allowed)
+
+
+@pytest.mark.parametrize("stack", stack_names())
+def test_control_plane_access_and_its_networks_must_agree(stack: str) -> None:
+    no_networks = _with(stack, "celery-cluster:gke", ["controlPlane"], "ip")
+    _rejected(no_networks, stack, "celery-cluster:gke.authorizedNetworks", "at least one CIDR")
+    unused = _with(stack, "celery-cluster:gke", ["authorizedNetworks"], ["198.51.100.0/24"])
+    _rejected(unused, stack, "celery-cluster:gke.authorizedNetworks", "198.51.100.0/24", "'dns'")
+    malformed = copy.deepcopy(no_networks)
+    malformed["celery-cluster:gke"]["authorizedNetworks"] = ["0.0.0.0/99"]
+    _rejected(malformed, stack, "celery-cluster:gke.authorizedNetworks[0]", "'0.0.0.0/99'", "CIDR")
 
 
 def test_production_needs_resource_limits() -> None:
@@ -166,6 +183,9 @@ def test_defaults_are_the_durable_choice() -> None:
     assert config.rabbitmq.pvc_retention == "Retain"
     assert config.rabbitmq.anti_affinity == "required"
     assert config.rabbitmq.replicas == 3
+    # The control plane only on its IAM-gated DNS endpoint; the channel's version.
+    assert config.gke.control_plane == "dns"
+    assert config.gke.min_master_version is None
 
 
 def test_stack_files_differ_where_the_issue_says() -> None:
@@ -178,3 +198,31 @@ def test_stack_files_differ_where_the_issue_says() -> None:
     assert dev.gke.disk_type == "pd-standard"
     assert (dev.protect, prod.protect) == (False, True)
     assert prod.rabbitmq.resources.cpu_limit and prod.workers.resources.memory_limit
+
+
+@pytest.mark.parametrize("stack", stack_names())
+def test_every_stack_needs_a_rabbitmq_memory_limit(stack: str) -> None:
+    """Without one, RabbitMQ sizes its memory alarm from the node and is OOM-killed."""
+    config = copy.deepcopy(stack_config(stack))
+    resources = dict(config["celery-cluster:rabbitmq"]["resources"])
+    resources.pop("memoryLimit")
+    config["celery-cluster:rabbitmq"] = {
+        **config["celery-cluster:rabbitmq"],
+        "resources": resources,
+    }
+    _rejected(
+        config, stack, "celery-cluster:rabbitmq.resources.memoryLimit", "None", "at least 256Mi"
+    )
+
+
+def test_rabbitmq_memory_request_above_its_limit_is_rejected() -> None:
+    config = _with("dev", "celery-cluster:rabbitmq", ["resources", "memoryRequest"], "2Gi")
+    _rejected(config, "dev", "celery-cluster:rabbitmq.resources.memoryRequest", "'2Gi'", "at most")
+
+
+def test_a_volume_smaller_than_the_disk_alarm_allows_is_rejected() -> None:
+    # prod: 4Gi limit -> 3.2 GiB for RabbitMQ -> 4.8 GiB kept free: 9Gi is too small.
+    config = _with("prod", "celery-cluster:rabbitmq", ["storageSize"], "9Gi")
+    _rejected(config, "prod", "celery-cluster:rabbitmq.storageSize", "'9Gi'", "4.80 GiB", "1.5 x")
+    fits = _with("prod", "celery-cluster:rabbitmq", ["storageSize"], "10Gi")
+    assert run_program(fits, "prod").error is None

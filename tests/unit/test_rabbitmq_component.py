@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 
-from components import rabbitmq
-from components.config import StackConfig, load_stack_config
-from components.names import AMQP_CLIENT_LABEL, BROKER_URLS_KEY
+from components import kube, rabbitmq
+from components.config import load_stack_config, quantity_bytes
+from components.names import AMQP_CLIENT_LABEL, BROKER_URLS_KEY, STACK_LABEL
+from components.rabbitmq import RabbitmqClusterArgs
 from components.rabbitmq_conf import supports_partition_handling
 from tests.program import (
     ProgramRun,
@@ -25,6 +26,7 @@ from tests.program import (
     stack_config,
     stack_names,
 )
+from tests.unit.test_rabbitmq_conf import settings as _settings
 
 STACKS = stack_names()
 STATEFULSET_TYPE = "kubernetes:apps/v1:StatefulSet"
@@ -36,11 +38,11 @@ MOCK_PASSWORD = "x" * 32
 MOCK_COOKIE = "x" * 48
 
 
-def _config(stack: str) -> StackConfig:
-    return load_stack_config(stack_config(stack), stack)
+def _config(stack: str) -> RabbitmqClusterArgs:
+    return RabbitmqClusterArgs.from_stack(load_stack_config(stack_config(stack), stack))
 
 
-def _with_rabbitmq(config: StackConfig, **changes: Any) -> StackConfig:
+def _with_rabbitmq(config: RabbitmqClusterArgs, **changes: Any) -> RabbitmqClusterArgs:
     return dataclasses.replace(config, rabbitmq=dataclasses.replace(config.rabbitmq, **changes))
 
 
@@ -102,17 +104,33 @@ def test_namespace_enforces_the_restricted_pod_security_standard() -> None:
 
 def test_storage_class_uses_the_pd_csi_driver_and_keeps_production_disks() -> None:
     prod = rabbitmq.storage_class(_config("prod"))
-    assert prod["metadata"]["name"] == "rabbitmq-pd-ssd"
+    assert prod["metadata"]["name"] == "rabbitmq-pd-ssd-prod"
     assert prod["provisioner"] == "pd.csi.storage.gke.io"
-    assert prod["parameters"] == {"type": "pd-ssd"}
+    assert prod["parameters"] == {"type": "pd-ssd", "labels": f"{STACK_LABEL}=prod"}
     assert prod["volumeBindingMode"] == "WaitForFirstConsumer"
     assert prod["allowVolumeExpansion"] is True
     assert prod["reclaimPolicy"] == "Retain"
 
     dev = rabbitmq.storage_class(_config("dev"))
-    assert dev["metadata"]["name"] == "rabbitmq-pd-balanced"
-    assert dev["parameters"] == {"type": "pd-balanced"}
+    assert dev["metadata"]["name"] == "rabbitmq-pd-balanced-dev"
+    assert dev["parameters"] == {"type": "pd-balanced", "labels": f"{STACK_LABEL}=dev"}
     assert dev["reclaimPolicy"] == "Delete"
+
+
+def test_storage_classes_and_disk_labels_of_two_stacks_never_collide() -> None:
+    """Cluster-scoped: two stacks on one cluster must not share a StorageClass, and a
+    stack name Kubernetes or GCP would refuse is made valid, never shared."""
+    names = set()
+    for stack in ("dev", "prod", "Dev", "team_a.staging", "x" * 80, "x" * 81):
+        args = dataclasses.replace(_config("prod"), stack=stack)
+        manifest = rabbitmq.storage_class(args)
+        name = manifest["metadata"]["name"]
+        assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 63, name
+        key, value = manifest["parameters"]["labels"].split("=")
+        assert key == STACK_LABEL
+        assert re.fullmatch(r"[a-z0-9][-a-z0-9]{0,62}", value), value
+        names.add(name)
+    assert len(names) == 6
 
 
 def test_an_unmanaged_storage_class_is_used_as_is() -> None:
@@ -191,7 +209,7 @@ def test_pause_minority_only_where_the_version_knows_it(image: str, paused: bool
 
 
 def test_rbac_allows_what_peer_discovery_needs_and_nothing_more() -> None:
-    config = _config("prod")
+    config = _with_rabbitmq(_config("prod"), image="rabbitmq:4.0.9-management")
     rules = rabbitmq.role(config)["rules"]
     assert {(r["resources"][0], v) for r in rules for v in r["verbs"]} == {
         ("endpoints", "get"),
@@ -203,6 +221,30 @@ def test_rbac_allows_what_peer_discovery_needs_and_nothing_more() -> None:
         {"kind": "ServiceAccount", "name": rabbitmq.SERVICE_ACCOUNT, "namespace": "rabbitmq"}
     ]
     assert rabbitmq.service_account(config)["metadata"]["name"] == rabbitmq.SERVICE_ACCOUNT
+    assert rabbitmq.service_account(config)["automountServiceAccountToken"] is True
+    assert _pod(rabbitmq.stateful_set(config))["automountServiceAccountToken"] is True
+
+
+@pytest.mark.parametrize(
+    ("image", "api"),
+    [
+        ("rabbitmq:3.13.7-management", True),
+        ("rabbitmq:4.0.9-management", True),
+        ("rabbitmq:4.1.4-management", False),
+        ("rabbitmq:4.3.6-management", False),
+    ],
+)
+def test_a_token_and_rbac_only_where_peer_discovery_calls_the_api(image: str, api: bool) -> None:
+    """From 4.1 the k8s plugin derives pod -0 from its own name: no token, no Role."""
+    args = _with_rabbitmq(_config("prod"), image=image)
+    assert _pod(rabbitmq.stateful_set(args))["automountServiceAccountToken"] is api
+    assert rabbitmq.service_account(args)["automountServiceAccountToken"] is api
+    env = {e["name"] for e in _container(rabbitmq.stateful_set(args))["env"]}
+    assert ("K8S_HOSTNAME_SUFFIX" in env) is api
+    run = _run_with_image("prod", image)
+    kinds = {m["kind"] for _, m in run.kubernetes_objects()}
+    assert ("Role" in kinds) is api
+    assert ("RoleBinding" in kinds) is api
 
 
 def test_headless_service_publishes_not_ready_pods_with_named_cluster_ports() -> None:
@@ -239,7 +281,7 @@ def test_production_statefulset_shape() -> None:
         "whenScaled": "Retain",
     }
     (claim,) = spec["volumeClaimTemplates"]
-    assert claim["spec"]["storageClassName"] == "rabbitmq-pd-ssd"
+    assert claim["spec"]["storageClassName"] == "rabbitmq-pd-ssd-prod"
     assert claim["spec"]["resources"]["requests"]["storage"] == "50Gi"
     (term,) = pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
     assert term["topologyKey"] == "kubernetes.io/hostname"
@@ -275,7 +317,6 @@ def test_node_names_are_long_and_stable() -> None:
         env["RABBITMQ_NODENAME"]["value"]
         == "rabbit@$(MY_POD_NAME).$(K8S_SERVICE_NAME).$(MY_POD_NAMESPACE)"
     )
-    assert env["K8S_HOSTNAME_SUFFIX"]["value"] == ".$(K8S_SERVICE_NAME).$(MY_POD_NAMESPACE)"
     # The deprecated variable is not used: the cookie is a file.
     assert "RABBITMQ_ERLANG_COOKIE" not in env
 
@@ -403,15 +444,17 @@ def test_network_policy_admits_clients_peers_and_scrapers_only() -> None:
     assert clients["from"] == [
         {
             "namespaceSelector": {
-                "matchLabels": {"kubernetes.io/metadata.name": config.workers.namespace}
+                "matchLabels": {"kubernetes.io/metadata.name": config.client_namespace}
             },
             "podSelector": {"matchLabels": {AMQP_CLIENT_LABEL: "true"}},
         }
     ]
     assert clients["ports"] == [{"protocol": "TCP", "port": 5672}]
     assert peers["from"] == [{"podSelector": {"matchLabels": rabbitmq.selector()}}]
-    peer_ports = {(p["port"], p.get("endPort")) for p in peers["ports"]}
-    assert {(4369, None), (25672, None), (35672, 35682), (15672, None)} <= peer_ports
+    peer_ports = {p["port"] for p in peers["ports"]}
+    # The CLI tools' ports one by one: Cilium before 1.16 (Dataplane V2) ignored endPort.
+    assert {4369, 25672, 15672, *range(35672, 35683)} <= peer_ports
+    assert not [p for p in peers["ports"] if "endPort" in p]
     assert scrapers == {
         "from": [{"namespaceSelector": {}}],
         "ports": [{"protocol": "TCP", "port": 15692}],
@@ -423,10 +466,10 @@ def test_network_policy_admits_clients_peers_and_scrapers_only() -> None:
 
 
 def test_register_passes_camel_case_parts_as_snake_case_arguments() -> None:
-    assert rabbitmq._snake("stringData") == "string_data"
-    assert rabbitmq._snake("volumeBindingMode") == "volume_binding_mode"
-    assert rabbitmq._snake("roleRef") == "role_ref"
-    assert rabbitmq._snake("spec") == "spec"
+    assert kube.snake("stringData") == "string_data"
+    assert kube.snake("volumeBindingMode") == "volume_binding_mode"
+    assert kube.snake("roleRef") == "role_ref"
+    assert kube.snake("spec") == "spec"
 
 
 # --- the real program, every stack --------------------------------------------------
@@ -487,8 +530,6 @@ def test_every_child_has_the_component_parent_and_the_cluster_provider(stack: st
         SECRET_TYPE,
         "kubernetes:core/v1:ConfigMap",
         "kubernetes:core/v1:ServiceAccount",
-        "kubernetes:rbac.authorization.k8s.io/v1:Role",
-        "kubernetes:rbac.authorization.k8s.io/v1:RoleBinding",
         "kubernetes:core/v1:Service",
         STATEFULSET_TYPE,
         "kubernetes:policy/v1:PodDisruptionBudget",
@@ -608,3 +649,56 @@ def test_broker_urls_output_is_a_secret_with_one_url_per_node(stack: str) -> Non
     assert len(urls) == config.rabbitmq.replicas == 3
     for i, url in enumerate(urls):
         assert f"@rabbitmq-server-{i}.rabbitmq-nodes.rabbitmq.svc.cluster.local:5672/" in url
+
+
+def test_metrics_are_not_claimed_through_annotations_gke_ignores() -> None:
+    """GKE Managed Prometheus scrapes PodMonitoring objects, not prometheus.io/*."""
+    for stack in STACKS:
+        template = rabbitmq.stateful_set(_config(stack))["spec"]["template"]
+        assert not [a for a in template["metadata"]["annotations"] if a.startswith("prometheus.io")]
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_rabbitmq_sizes_its_memory_alarm_from_the_container_limit(stack: str) -> None:
+    """Without the override RabbitMQ reads the node's /proc/meminfo and is OOM-killed
+    before its alarm fires; with it, the alarm fires inside the container's limit."""
+    args = _config(stack)
+    limit = args.rabbitmq.memory_limit_bytes
+    assert limit is not None  # every stack, dev included
+    container = _container(rabbitmq.stateful_set(args))
+    assert quantity_bytes(container["resources"]["limits"]["memory"]) == limit
+    conf = _settings(rabbitmq.config_map(args)["data"]["rabbitmq.conf"])
+    available = int(conf["total_memory_available_override_value"])
+    # The Operator's headroom: 20 % of the limit, at most 2 GiB.
+    assert available == limit - min(limit // 5, 2 * 2**30)
+    # RabbitMQ's default watermark (0.6) of that stays far below the limit.
+    assert 0.6 * available < 0.5 * limit
+
+
+def test_production_keeps_free_disk_relative_to_memory_and_the_volume_fits() -> None:
+    prod = _config("prod")
+    conf = _settings(rabbitmq.config_map(prod)["data"]["rabbitmq.conf"])
+    available = int(conf["total_memory_available_override_value"])
+    disk_free = int(conf["disk_free_limit.absolute"])
+    assert disk_free == int(available * 1.5)
+    assert quantity_bytes(prod.rabbitmq.storage_size) >= 2 * disk_free
+    dev = _settings(rabbitmq.config_map(_config("dev"))["data"]["rabbitmq.conf"])
+    assert dev["disk_free_limit.absolute"] == str(2 * 10**9)
+
+
+def test_password_login_only() -> None:
+    conf = _settings(rabbitmq.config_map(_config("prod"))["data"]["rabbitmq.conf"])
+    mechanisms = {v for k, v in conf.items() if k.startswith("auth_mechanisms.")}
+    assert mechanisms == {"PLAIN", "AMQPLAIN"}
+
+
+def test_deletion_outlasts_the_grace_period_and_the_prestop_hook() -> None:
+    """pulumi-kubernetes gives up deleting after 10 min by default; the pods may
+    take their whole grace period (preStop inside it)."""
+    for stack in STACKS:
+        args = _config(stack)
+        timeouts = rabbitmq.stateful_set_timeouts(args)
+        assert timeouts.delete is not None
+        assert int(timeouts.delete.rstrip("m")) * 60 > args.rabbitmq.termination_grace_seconds
+        await_s, drain_s = rabbitmq.prestop_timeouts(args.rabbitmq.termination_grace_seconds)
+        assert int(timeouts.delete.rstrip("m")) * 60 > await_s + drain_s

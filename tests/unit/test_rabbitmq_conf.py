@@ -15,6 +15,8 @@ from components.rabbitmq_conf import (
     default_user_conf,
     definitions_json,
     enabled_plugins,
+    memory_available,
+    needs_kubernetes_api,
     parse_version,
     rabbitmq_conf,
     rabbitmq_password_hash,
@@ -335,3 +337,47 @@ def test_custom_dead_letter_names() -> None:
     assert not re.match(pattern, "jobs.dlq")
     assert re.match(pattern, "jobsXdlq")  # the '.' is escaped
     assert doc["bindings"][0]["source"] == "jobs.dlx"
+
+
+@pytest.mark.parametrize(
+    ("limit", "available"),
+    [
+        (256 * 2**20, 256 * 2**20 - (256 * 2**20) // 5),
+        (4 * 2**30, 4 * 2**30 - (4 * 2**30) // 5),
+        # 20 % would exceed 2 GiB: the headroom stops there.
+        (16 * 2**30, 14 * 2**30),
+    ],
+)
+def test_memory_available_keeps_the_operators_headroom(limit: int, available: int) -> None:
+    assert memory_available(limit) == available
+    conf = settings(rabbitmq_conf("4.3.6", K8S, container_memory_limit=limit))
+    assert conf["total_memory_available_override_value"] == str(available)
+
+
+def test_no_memory_override_without_a_limit_and_no_tiny_limits() -> None:
+    assert "total_memory_available_override_value" not in settings(rabbitmq_conf("4.3.6", K8S))
+    with pytest.raises(ValueError, match="container_memory_limit"):
+        memory_available(1024)
+
+
+@pytest.mark.parametrize("version", ALL_VERSIONS)
+def test_only_password_mechanisms_are_offered(version: str) -> None:
+    """4.x offers ANONYMOUS by default: the rendered file lists exactly two mechanisms."""
+    conf = settings(rabbitmq_conf(version, K8S))
+    assert {k: v for k, v in conf.items() if k.startswith("auth_mechanisms")} == {
+        "auth_mechanisms.1": "PLAIN",
+        "auth_mechanisms.2": "AMQPLAIN",
+    }
+
+
+def test_disk_free_limit_in_bytes() -> None:
+    conf = settings(rabbitmq_conf("4.3.6", K8S, disk_free_limit=5 * 10**9))
+    assert conf["disk_free_limit.absolute"] == "5000000000"
+    for bad in (0, -1, True, "2 GB"):
+        with pytest.raises(ValueError, match="disk_free_limit"):
+            rabbitmq_conf("4.3.6", K8S, disk_free_limit=bad)
+
+
+@pytest.mark.parametrize(("version", "api"), [("3.13.7", True), ("4.0.9", True), ("4.1.0", False)])
+def test_kubernetes_api_only_before_the_rewritten_plugin(version: str, api: bool) -> None:
+    assert needs_kubernetes_api(version) is api

@@ -62,6 +62,16 @@ def test_a_suppression_explains_its_check_resource_and_stacks_only() -> None:
     assert dev_limits.matched == [scan.Finding("dev", "CKV_K8S_11", "a check", STS)]
 
 
+def test_a_suppression_resource_may_be_a_glob_and_matches_nothing_else() -> None:
+    job = "Job.workers.celery-scheduler-1a2b3c4d"
+    found = scan.findings([report(("dev", "CKV_K8S_35", job), ("dev", "CKV_K8S_35", DEPLOYMENT))])
+    jobs = scan.Suppression("CKV_K8S_35", ["Job.workers.celery-scheduler-*"], "secrets as env vars")
+    unexplained, stale = scan.triage(found, [jobs])
+    assert [f.resource for f in unexplained] == [DEPLOYMENT]
+    assert stale == []
+    assert [f.resource for f in jobs.matched] == [job]
+
+
 def test_a_suppression_that_explains_nothing_is_stale() -> None:
     gone = scan.Suppression("CKV_K8S_43", [STS], "pinned by tag for now")
     unexplained, stale = scan.triage([], [gone])

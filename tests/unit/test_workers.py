@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from app.settings import WorkerSettings, celery_config
 from components import workers
 from components.config import load_stack_config
@@ -11,8 +13,8 @@ from tests.program import ProgramRun, is_secret, reveal, run_program, stack_conf
 DEPLOYMENT = "kubernetes:apps/v1:Deployment"
 
 
-def _config(stack: str):
-    return load_stack_config(stack_config(stack), stack)
+def _config(stack: str) -> workers.CeleryWorkersArgs:
+    return workers.CeleryWorkersArgs.from_stack(load_stack_config(stack_config(stack), stack))
 
 
 def test_deployment_takes_its_shape_from_config() -> None:
@@ -74,19 +76,71 @@ def test_liveness_does_not_depend_on_the_broker() -> None:
 def test_grace_period_follows_the_longest_task() -> None:
     base = stack_config("dev")
     base["celery-cluster:workers"] = {**base["celery-cluster:workers"], "longestTaskSeconds": 300}
-    config = load_stack_config(base, "dev")
+    config = workers.CeleryWorkersArgs.from_stack(load_stack_config(base, "dev"))
     pod = workers.deployment(config, "img:1")["spec"]["template"]["spec"]
     assert pod["terminationGracePeriodSeconds"] == 330
 
 
-def test_scheduler_job_runs_once_and_skips_the_await() -> None:
+def test_scheduler_job_runs_once_is_awaited_and_bounded() -> None:
     job = workers.scheduler_job(_config("dev"), "img:1")
     assert job["spec"]["backoffLimit"] == 0
-    assert job["metadata"]["annotations"]["pulumi.com/skipAwait"] == "true"
+    # Awaited by Pulumi: a failed run fails `pulumi up` instead of going unseen.
+    assert "pulumi.com/skipAwait" not in job["metadata"].get("annotations", {})
+    assert 0 < job["spec"]["activeDeadlineSeconds"] <= 3600
+    # A TTL would delete the finished Job; the next `pulumi up` would run it again.
+    assert "ttlSecondsAfterFinished" not in job["spec"]
     container = job["spec"]["template"]["spec"]["containers"][0]
     assert container["command"][:3] == ["python", "-m", "app.scheduler"]
     assert "--tasks=10000" in container["command"]
     assert job["spec"]["template"]["metadata"]["labels"][AMQP_CLIENT_LABEL] == "true"
+    options = workers.scheduler_options(_config("dev"))
+    assert options.ignore_changes == ["spec"]
+    assert options.custom_timeouts is not None
+    minutes = int(str(options.custom_timeouts.create).rstrip("m"))
+    assert minutes * 60 > job["spec"]["activeDeadlineSeconds"]
+
+
+def test_a_new_image_never_reruns_the_scheduler_but_a_new_run_id_does() -> None:
+    """The Job's identity is its own settings: an image digest does not change it."""
+    args = _config("dev")
+    first = workers.scheduler_job(args, "img@sha256:" + "a" * 64)
+    rebuilt = workers.scheduler_job(args, "img@sha256:" + "b" * 64)
+    assert first["metadata"]["name"] == rebuilt["metadata"]["name"]
+    scheduler = args.workers.scheduler
+    for change in ({"run_id": "2"}, {"tasks": scheduler.tasks + 1}, {"task_seconds": 0.5}):
+        changed = dataclasses.replace(
+            args,
+            workers=dataclasses.replace(
+                args.workers, scheduler=dataclasses.replace(scheduler, **change)
+            ),
+        )
+        assert (
+            workers.scheduler_job(changed, "img:1")["metadata"]["name"] != first["metadata"]["name"]
+        ), change
+
+
+def test_the_scheduler_waits_for_every_rabbitmq_pod_and_the_workers() -> None:
+    config = stack_config("dev")
+    run = run_program(config, "dev")
+    assert run.error is None, run.error
+    (job,) = run.of_type("kubernetes:batch/v1:Job")
+    statefulset = run.one("kubernetes:apps/v1:StatefulSet")
+    deployment = run.one(DEPLOYMENT)
+    assert {statefulset.urn, deployment.urn} <= set(job.dependencies)
+    assert job.ignore_changes == ["spec"]
+
+
+def test_a_bad_run_id_is_refused_before_anything_is_created() -> None:
+    config = stack_config("dev")
+    config["celery-cluster:workers"] = {
+        **config["celery-cluster:workers"],
+        "scheduler": {"enabled": True, "runId": "two words"},
+    }
+    run = run_program(config, "dev")
+    assert run.error is not None
+    assert "celery-cluster:workers.scheduler.runId" in str(run.error)
+    assert "'two words'" in str(run.error)
+    assert not [r for r in run.resources if r.custom]
 
 
 def test_every_stack_registers_workers_with_a_pdb_and_a_pinned_image(stack_run: ProgramRun) -> None:
