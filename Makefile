@@ -39,7 +39,7 @@ scan: setup-cloud plans
 	$(VENV_PY) -m tools.scan
 
 preview up destroy: setup-cloud
-	$(VENV_PY) -m tools.stack $@ --stack $(STACK)
+	$(VENV_PY) -m tools.stack $@ --stack $(STACK) $(ARGS)
 
 # What the program would register for a stack, as files, without credentials or
 # the Pulumi CLI (the program under mocks, secrets redacted): out/plan/$(STACK)/.

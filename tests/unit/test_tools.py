@@ -47,3 +47,20 @@ def test_pulumi_arguments() -> None:
         "dev",
         "--yes",
     ]
+
+
+def test_destroy_also_needs_kubectl() -> None:
+    missing = stack.missing_tools(which=lambda tool: None, command="destroy")
+    assert "gcloud components install kubectl" in missing["kubectl"]
+    assert "kubectl" not in stack.missing_tools(which=lambda tool: None, command="up")
+
+
+def test_a_qualified_stack_name_is_checked_by_its_own_name(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert stack.main(["up", "--stack", "acme/staging"]) == 2
+    assert "'acme/staging'" in capsys.readouterr().err
+    monkeypatch.setattr(stack.shutil, "which", lambda tool: None)
+    # Past the stack check: stopped by the (missing) tools instead.
+    assert stack.main(["destroy", "--stack", "acme/dev"]) == 2
+    assert "kubectl" in capsys.readouterr().err

@@ -58,7 +58,20 @@ def test_production_waits_for_approval_and_destroy_is_dev_only() -> None:
     assert deploy["jobs"]["up-prod"]["environment"] == "production"
     assert deploy["jobs"]["up-prod"]["needs"] == "up-dev"
     destroy = (ROOT / ".github" / "workflows" / "destroy-dev.yml").read_text()
-    assert "command: destroy" in destroy and "prod" not in destroy.split("jobs:", 1)[1]
+    assert "prod" not in destroy.split("jobs:", 1)[1]
+
+
+def test_nightly_destroy_takes_the_make_destroy_path() -> None:
+    """Labels the RabbitMQ pods and checks for disks left, as on a laptop (tools/destroy.py)."""
+    steps = _load(ROOT / ".github" / "workflows" / "destroy-dev.yml")["jobs"]["destroy"]["steps"]
+    # pulumi/actions only installs the CLI: with a `command` it would bypass make destroy.
+    [pulumi] = [s for s in steps if str(s.get("uses", "")).startswith("pulumi/actions@")]
+    assert "command" not in pulumi["with"] and pulumi["with"]["pulumi-version"]
+    [make] = [s for s in steps if "make destroy" in s.get("run", "")]
+    assert 'make destroy STACK="$STACK" ARGS="--yes' in make["run"]
+    assert make["env"]["STACK"].endswith("|| 'dev' }}")
+    assert make["env"]["PULUMI_K8S_DELETE_UNREACHABLE"] == "true"
+    assert any("install kubectl" in s.get("run", "") for s in steps[: steps.index(make)])
 
 
 def test_previews_run_the_policy_pack_on_both_stacks() -> None:
