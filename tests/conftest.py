@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.program import ProgramRun, run_program, stack_config, stack_names
+from tools.mockrun import ProgramRun, run_program, stack_config, stack_names
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ every input, and the options the engine would see (protect, parent, provider,
 ignoreChanges, dependencies) are captured from the mock monitor, in one fresh
 Pulumi runtime per run.
 
-Used by the tests (through ``tests/program.py``) and by ``make plan``
+Used by the tests (they import it directly) and by ``make plan``
 (:mod:`tools.plan`), which writes what a run registered to ``out/plan/``.
 """
 

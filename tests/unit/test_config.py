@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from components.config import ConfigError, StackConfig, load_stack_config
-from tests.program import run_program, stack_config, stack_names
+from tools.mockrun import run_program, stack_config, stack_names
 
 
 def _with(stack: str, key: str, path: list[str], value: Any) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import yaml
 from components.config import load_stack_config
 from components.gcp_ids import stack_id
 from components.gke import AUTH_PLUGIN, NODE_ROLES, GkeClusterArgs
-from tests.program import (
+from tools.mockrun import (
     MOCK_CLUSTER_DNS,
     MOCK_CLUSTER_IP,
     ProgramRun,

@@ -3,7 +3,7 @@
 For every stack file, each manifest is validated STRICTLY (an unknown or
 misspelled field fails) against the schema of that stack's
 ``kubernetes.version``, with kubernetes-validate's bundled schemas: no cluster,
-no network. Secret values are unwrapped (tests.program.reveal) and checked
+no network. Secret values are unwrapped (tools.mockrun.reveal) and checked
 like any other value.
 """
 
@@ -17,7 +17,7 @@ import kubernetes_validate
 import pytest
 
 from components.config import SUPPORTED_KUBERNETES_VERSIONS, load_stack_config
-from tests.program import ProgramRun, reveal, run_program, stack_config, stack_names
+from tools.mockrun import ProgramRun, reveal, run_program, stack_config, stack_names
 
 STACKS = stack_names()
 # A valid object to mutate in the negative tests (kept tiny on purpose).

@@ -13,9 +13,8 @@ import pytest
 import yaml
 
 from components.config import load_stack_config
-from tests.program import ProgramRun, is_secret, stack_config, stack_names
 from tools import plan
-from tools.mockrun import reveal
+from tools.mockrun import ProgramRun, is_secret, reveal, stack_config, stack_names
 
 STACKS = stack_names()
 

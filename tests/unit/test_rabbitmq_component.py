@@ -18,7 +18,8 @@ from components.config import load_stack_config, quantity_bytes
 from components.names import AMQP_CLIENT_LABEL, BROKER_URLS_KEY, STACK_LABEL
 from components.rabbitmq import RabbitmqClusterArgs
 from components.rabbitmq_conf import supports_partition_handling
-from tests.program import (
+from tests.unit.test_rabbitmq_conf import settings as _settings
+from tools.mockrun import (
     ProgramRun,
     is_secret,
     reveal,
@@ -26,7 +27,6 @@ from tests.program import (
     stack_config,
     stack_names,
 )
-from tests.unit.test_rabbitmq_conf import settings as _settings
 
 STACKS = stack_names()
 STATEFULSET_TYPE = "kubernetes:apps/v1:StatefulSet"

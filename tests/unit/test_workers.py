@@ -8,7 +8,7 @@ from app.settings import WorkerSettings, celery_config
 from components import workers
 from components.config import load_stack_config
 from components.names import AMQP_CLIENT_LABEL, BROKER_URLS_KEY
-from tests.program import ProgramRun, is_secret, reveal, run_program, stack_config
+from tools.mockrun import ProgramRun, is_secret, reveal, run_program, stack_config
 
 DEPLOYMENT = "kubernetes:apps/v1:Deployment"
 
