@@ -133,6 +133,10 @@ def registration(r: Registered) -> dict[str, Any]:
         "parent": r.parent,
         "provider": _reference(r.provider),
         "additionalSecretOutputs": sorted(r.additional_secret_outputs),
+        # What a reviewer of the plan diff must see change: a new ignoreChanges or
+        # dependency alters how `pulumi up` treats the resource.
+        "ignoreChanges": sorted(r.ignore_changes),
+        "dependsOn": sorted(r.dependencies),
         "inputs": inputs(r),
     }
 

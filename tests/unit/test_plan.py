@@ -184,6 +184,13 @@ def test_every_other_resource_is_written_with_its_inputs(
         cluster = written[("gcp:container/cluster:Cluster", "celery")]
         assert cluster["inputs"]["deletionProtection"] is True
         assert cluster["protect"] is True
+    # How `pulumi up` treats a resource is in the plan too, so the plan diff shows it.
+    by_urn = {e["urn"]: e for e in index}
+    cluster_urn = run.one("gcp:container/cluster:Cluster").urn
+    assert by_urn[cluster_urn]["ignoreChanges"] == ["nodeConfig"]
+    assert by_urn[cluster_urn]["dependsOn"]
+    for r in run.resources:
+        assert by_urn[r.urn]["dependsOn"] == sorted(r.dependencies)
 
 
 def test_the_plan_is_deterministic(
