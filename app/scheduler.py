@@ -3,23 +3,60 @@
     python -m app.scheduler --tasks 10000 --task-seconds 1 --ids-file ids.txt
 
 Each task id is chosen here and written to ``--ids-file`` only once RabbitMQ
-confirmed the publish (``confirm_publish`` + retries, see :mod:`app.settings`),
-so the file is exactly the set of tasks the cluster owes us; compare it with a
-ledger (:mod:`app.ledger`) to count lost tasks.  Exit status is 1 if any publish
-failed (after the whole retry policy), 0 otherwise.
+confirmed the publish (``confirm_publish``), so the file is exactly the set of
+tasks the cluster owes us; compare it with a ledger (:mod:`app.ledger`) to count
+lost tasks.
+
+A publish that no node takes is retried for the publish retry budget
+(``CELERY_PUBLISH_RETRY_SECONDS``, default 120 s, :mod:`app.settings`; one log
+line per attempt on stderr: the node, how long it has been retrying).  When the
+budget runs out the scheduler stops: it says so, lists every task id it did not
+get confirmed (on stderr, or in ``--unconfirmed-file``) and exits 1; ``--publish-ids``
+on that list publishes exactly the rest.  Exit status: 0 if every task was
+confirmed, 1 if not, 2 for a bad option or environment value (one line, no
+traceback).
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import sys
 import time
 import uuid
+from pathlib import Path
 from typing import IO, Any
 
 import click
 
 MAX_CONSECUTIVE_FAILURES = 10
+PROG = "python -m app.scheduler"
+
+
+def _read_ids(path: str) -> list[str]:
+    ids = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    return [i for i in ids if i]
+
+
+def _report_unconfirmed(unconfirmed: list[str], unconfirmed_file: str | None) -> None:
+    """Name every task id that was not confirmed, so a re-run publishes exactly those."""
+    if not unconfirmed:
+        return
+    if unconfirmed_file is not None:
+        Path(unconfirmed_file).write_text("".join(i + "\n" for i in unconfirmed), encoding="utf-8")
+        click.echo(
+            f"{len(unconfirmed)} task ids not confirmed, listed in {unconfirmed_file}; "
+            f"publish exactly those with: {PROG} --publish-ids {unconfirmed_file}",
+            err=True,
+        )
+        return
+    click.echo(
+        f"{len(unconfirmed)} task ids not confirmed (publish exactly those with "
+        f"{PROG} --publish-ids FILE, one id per line):",
+        err=True,
+    )
+    for task_id in unconfirmed:
+        click.echo(f"unconfirmed {task_id}", err=True)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -29,7 +66,14 @@ MAX_CONSECUTIVE_FAILURES = 10
     type=click.IntRange(min=0),
     default=10_000,
     show_default=True,
-    help="How many count tasks to enqueue.",
+    help="How many count tasks to enqueue (new task ids).",
+)
+@click.option(
+    "--publish-ids",
+    type=click.Path(exists=True, dir_okay=False, readable=True),
+    default=None,
+    help="Publish exactly these task ids (one per line), e.g. the --unconfirmed-file "
+    "of a run that gave up, instead of --tasks new ones.",
 )
 @click.option(
     "--task-seconds",
@@ -46,6 +90,13 @@ MAX_CONSECUTIVE_FAILURES = 10
     help="Append the id of every confirmed task to this file, one per line.",
 )
 @click.option(
+    "--unconfirmed-file",
+    type=click.Path(dir_okay=False, writable=True),
+    default=None,
+    help="If not every task was confirmed, write the ids that were not to this file "
+    "(default: list them on stderr).",
+)
+@click.option(
     "--rate",
     type=click.FloatRange(min=0.0),
     default=0.0,
@@ -58,47 +109,86 @@ MAX_CONSECUTIVE_FAILURES = 10
     show_default=True,
     help="Show a progress bar on stderr.",
 )
+@click.pass_context
 def main(
-    n_tasks: int, task_seconds: float, ids_file: str | None, rate: float, progress: bool
+    ctx: click.Context,
+    n_tasks: int,
+    publish_ids: str | None,
+    task_seconds: float,
+    ids_file: str | None,
+    unconfirmed_file: str | None,
+    rate: float,
+    progress: bool,
 ) -> None:
     """Enqueue N count tasks with publisher confirms and report the rate."""
+    from app.settings import ENV_PUBLISH_RETRY_SECONDS, settings_or_exit
+
+    if publish_ids is not None:
+        if ctx.get_parameter_source("n_tasks") is not click.core.ParameterSource.DEFAULT:
+            raise click.UsageError("--tasks and --publish-ids exclude each other")
+        task_ids = _read_ids(publish_ids)
+    else:
+        task_ids = [str(uuid.uuid4()) for _ in range(n_tasks)]
+    n_tasks = len(task_ids)
+    # A bad environment value: one line and exit 2, before anything starts.
+    settings = settings_or_exit(PROG)
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     # Imported here so that --help works without CELERY_BROKER_URLS.
     from app.celery import app
+    from app.publish import PublishBudgetExceeded
     from app.tasks import count
 
     published = 0
-    failed = 0
+    failed: list[str] = []
     consecutive_failures = 0
+    stopped_at = n_tasks  # index of the first task not attempted
     ids_fh: IO[str] | None = open(ids_file, "a", encoding="utf-8") if ids_file else None  # noqa: SIM115
     started = time.monotonic()
     try:
         with (
             app.producer_or_acquire() as producer,
             click.progressbar(
-                range(n_tasks),
+                task_ids,
                 label="publishing",
                 file=sys.stderr if progress else io.StringIO(),
                 show_pos=True,
             ) as bar,
         ):
-            for i in bar:
+            for i, task_id in enumerate(bar):
                 if rate > 0:
                     # Pace against the start time, so slow publishes are caught up.
                     ahead = started + i / rate - time.monotonic()
                     if ahead > 0:
                         time.sleep(ahead)
-                task_id = str(uuid.uuid4())
                 try:
                     count.apply_async(
                         kwargs={"step_seconds": task_seconds},
                         task_id=task_id,
                         producer=producer,
                     )
+                except PublishBudgetExceeded as exc:
+                    # No node took a publish for the whole budget: the cluster is
+                    # gone, the next publishes would wait as long again.
+                    failed.append(task_id)
+                    stopped_at = i + 1
+                    click.echo(
+                        f"\ngiving up: no RabbitMQ node took a publish for {exc.elapsed:.1f} s "
+                        f"({exc.attempts} attempts; the budget is {exc.budget:g} s, "
+                        f"{ENV_PUBLISH_RETRY_SECONDS}={settings.publish_retry_seconds:g}); "
+                        f"last error: {exc.last!r}",
+                        err=True,
+                    )
+                    break
                 except Exception as exc:  # report it and keep counting
-                    failed += 1
+                    failed.append(task_id)
                     consecutive_failures += 1
                     click.echo(f"\npublish of {task_id} failed: {exc!r}", err=True)
                     if consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
+                        stopped_at = i + 1
                         click.echo(
                             f"giving up after {consecutive_failures} consecutive failures",
                             err=True,
@@ -115,9 +205,10 @@ def main(
             ids_fh.close()
     elapsed = time.monotonic() - started
     rate = published / elapsed if elapsed > 0 else 0.0
-    not_attempted = n_tasks - published - failed
+    not_attempted = task_ids[stopped_at:]
+    _report_unconfirmed(failed + not_attempted, unconfirmed_file)
     click.echo(
-        f"published={published} failed={failed} not_attempted={not_attempted} "
+        f"published={published} failed={len(failed)} not_attempted={len(not_attempted)} "
         f"elapsed={elapsed:.2f}s rate={rate:.1f} tasks/s"
     )
     if failed or not_attempted:

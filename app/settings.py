@@ -23,6 +23,10 @@ Environment variables
 ``CELERY_CONCURRENCY``      positive int; default 100 for threads (the tasks
                             mostly sleep), the CPU count for prefork, 1 for solo.
 ``CELERY_BROKER_HEARTBEAT`` AMQP heartbeat in seconds (default 10, 0 = off).
+``CELERY_PUBLISH_RETRY_SECONDS`` how long a publish keeps retrying while no
+                            node takes it (default 120; 1 to 3600): the
+                            publish retry budget, see
+                            ``DEFAULT_PUBLISH_RETRY_SECONDS``.
 ``HOSTNAME``                the pod name in Kubernetes; used for the rotation.
 
 Read elsewhere: ``COUNT_STEP_SECONDS`` and ``TASK_LEDGER`` (app/tasks.py),
@@ -34,6 +38,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import sys
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -48,7 +53,11 @@ ENV_QUEUE = "CELERY_QUEUE"
 ENV_POOL = "CELERY_POOL"
 ENV_CONCURRENCY = "CELERY_CONCURRENCY"
 ENV_HEARTBEAT = "CELERY_BROKER_HEARTBEAT"
+ENV_PUBLISH_RETRY_SECONDS = "CELERY_PUBLISH_RETRY_SECONDS"
 ENV_HOSTNAME = "HOSTNAME"
+# Read by app/tasks.py (which imports the app, so they are named here).
+ENV_STEP_SECONDS = "COUNT_STEP_SECONDS"
+ENV_LEDGER = "TASK_LEDGER"
 
 BROKER_SCHEMES = ("amqp", "amqps", "pyamqp")
 POOLS = ("threads", "prefork", "solo")
@@ -56,20 +65,43 @@ DEFAULT_QUEUE = "celery"
 DEFAULT_THREADS_CONCURRENCY = 100
 DEFAULT_HEARTBEAT_SECONDS = 10
 
-# Publishing must outlast a broker failover.  kombu counts every connection
-# attempt (one per URL) as a retry and only sleeps after a full round over all
-# URLs, so the budget is expressed in rounds: 20 rounds with sleeps of
-# 0, 1, 2, 3, 4, then 5 s, i.e. about 85 s of back-off (plus up to
-# broker_connection_timeout per unreachable node).  That covers a node being
-# killed (clients switch to the next URL at once), a quorum-queue leader
-# election (well under a few seconds), and a RabbitMQ pod being rescheduled
-# and restarted by Kubernetes (tens of seconds), while a publisher facing a
-# cluster that is really gone still fails within a couple of minutes instead
-# of hanging.  Celery's default policy gives up in under a second.
-PUBLISH_RETRY_ROUNDS = 20
-PUBLISH_RETRY_INTERVAL_START = 0.0
+# --- The publish retry budget (the one place it is defined) -------------------
+# A publish (``apply_async`` of any task of app.celery: the scheduler,
+# bench.publish, a task that publishes) keeps retrying for
+# DEFAULT_PUBLISH_RETRY_SECONDS of wall-clock time (CELERY_PUBLISH_RETRY_SECONDS
+# overrides it) while no node takes it (connection refused, unreachable, DNS, a
+# nack), then raises app.publish.PublishBudgetExceeded.  That outlasts a node
+# being killed (the next URL is tried at once), a quorum-queue leader election (a
+# few seconds), a RabbitMQ pod being rescheduled and the whole cluster restarting:
+# measured here (tests/integration/test_publish_outage.py), all three nodes
+# stopped (6.3 s), down 30 s and started again (clustered after 27 s): the
+# publish waiting it out was confirmed after 57 s of retrying; 120 s leaves
+# that restart about twice its time.  A publisher
+# facing a cluster that is really gone still fails, after the budget + one
+# attempt (refused: milliseconds; a node that does not answer:
+# broker_connection_timeout).
+#
+# The budget is a deadline enforced by app.publish around Celery's own retry,
+# not a retry count in task_publish_retry_policy: kombu caps its connection
+# step at broker_connection_timeout *in total* (Connection.default_channel ->
+# _extract_failover_opts() -> _ensure_connection(timeout=connect_timeout)), and
+# raises an OperationalError that Connection.ensure() does not retry, so any
+# max_retries there gave up after ~6 s (4 s + the back-off sleep in progress).
+# Celery's own policy is a single attempt; app.publish goes through the nodes.
+DEFAULT_PUBLISH_RETRY_SECONDS = 120.0
+MIN_PUBLISH_RETRY_SECONDS = 1.0
+MAX_PUBLISH_RETRY_SECONDS = 3600.0
+# After a failed attempt the next node is tried at once; after a full round
+# over the nodes app.publish sleeps 1, 2, 3, 3, 3 ... s (a cluster that is back
+# is used within 3 s; one log line per attempt).
+PUBLISH_RETRY_INTERVAL_START = 1.0
 PUBLISH_RETRY_INTERVAL_STEP = 1.0
-PUBLISH_RETRY_INTERVAL_MAX = 5.0
+PUBLISH_RETRY_INTERVAL_MAX = 3.0
+
+
+class SettingsError(ValueError):
+    """A bad environment value: one line naming the variable, the value (any
+    password masked) and what is allowed.  Command lines print it and exit 2."""
 
 
 def sanitize_url(url: str) -> str:
@@ -77,8 +109,8 @@ def sanitize_url(url: str) -> str:
     return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1**@", url)
 
 
-def _bad(var: str, value: object, allowed: str) -> ValueError:
-    return ValueError(f"{var}={value!r} is invalid: expected {allowed}")
+def _bad(var: str, value: object, allowed: str) -> SettingsError:
+    return SettingsError(f"{var}={value!r} is invalid: expected {allowed}")
 
 
 def _parse_broker_urls(raw: str | None) -> tuple[str, ...]:
@@ -87,7 +119,7 @@ def _parse_broker_urls(raw: str | None) -> tuple[str, ...]:
         "one per RabbitMQ node, without duplicates"
     )
     if raw is None or not raw.strip():
-        raise ValueError(f"{ENV_BROKER_URLS} is not set: expected {allowed}")
+        raise SettingsError(f"{ENV_BROKER_URLS} is not set: expected {allowed}")
     urls = tuple(part.strip() for part in raw.split(","))
     # Never echo credentials: every URL in an error message is sanitized.
     shown = ",".join(sanitize_url(u) for u in urls)
@@ -117,6 +149,17 @@ def _parse_int(var: str, raw: str, minimum: int, allowed: str) -> int:
     return value
 
 
+def _parse_seconds(var: str, raw: str, minimum: float, maximum: float) -> float:
+    allowed = f"a number of seconds from {minimum:g} to {maximum:g}"
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise _bad(var, raw, allowed) from None
+    if not minimum <= value <= maximum:  # also rejects nan
+        raise _bad(var, raw, allowed)
+    return value
+
+
 def stable_rotation(hostname: str, n_urls: int) -> int:
     """Stable (not ``hash()``, which is salted per process) offset for a host."""
     if n_urls <= 0:
@@ -135,6 +178,7 @@ class WorkerSettings:
     pool: str = "threads"
     concurrency: int = DEFAULT_THREADS_CONCURRENCY
     heartbeat: int = DEFAULT_HEARTBEAT_SECONDS
+    publish_retry_seconds: float = DEFAULT_PUBLISH_RETRY_SECONDS
 
     @property
     def rotated_broker_urls(self) -> list[str]:
@@ -183,6 +227,18 @@ class WorkerSettings:
             else DEFAULT_HEARTBEAT_SECONDS
         )
 
+        raw_budget = env.get(ENV_PUBLISH_RETRY_SECONDS, "").strip()
+        publish_retry_seconds = (
+            _parse_seconds(
+                ENV_PUBLISH_RETRY_SECONDS,
+                raw_budget,
+                MIN_PUBLISH_RETRY_SECONDS,
+                MAX_PUBLISH_RETRY_SECONDS,
+            )
+            if raw_budget
+            else DEFAULT_PUBLISH_RETRY_SECONDS
+        )
+
         return cls(
             broker_urls=urls,
             rotation=rotation,
@@ -191,7 +247,34 @@ class WorkerSettings:
             pool=pool,
             concurrency=concurrency,
             heartbeat=heartbeat,
+            publish_retry_seconds=publish_retry_seconds,
         )
+
+    def to_env(self) -> dict[str, str]:
+        """The environment ``from_env`` reads these settings back from (its inverse:
+        ``WorkerSettings.from_env(s.to_env()) == s`` for valid settings).  What a
+        process that starts workers or publishers puts in their environment."""
+        return {
+            ENV_BROKER_URLS: ",".join(self.broker_urls),
+            ENV_BROKER_ROTATION: str(self.rotation),
+            ENV_HOSTNAME: self.hostname,
+            ENV_QUEUE: self.queue,
+            ENV_POOL: self.pool,
+            ENV_CONCURRENCY: str(self.concurrency),
+            ENV_HEARTBEAT: str(self.heartbeat),
+            ENV_PUBLISH_RETRY_SECONDS: repr(float(self.publish_retry_seconds)),
+        }
+
+
+def settings_or_exit(prog: str, environ: Mapping[str, str] | None = None) -> WorkerSettings:
+    """``WorkerSettings.from_env()`` for a command line: on a bad value, one line
+    on stderr (``prog: error: VAR='value' is invalid: expected ...``) and exit
+    status 2, no traceback."""
+    try:
+        return WorkerSettings.from_env(environ)
+    except SettingsError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 def task_queue(settings: WorkerSettings) -> Queue:
@@ -253,13 +336,20 @@ def celery_config(settings: WorkerSettings) -> dict[str, Any]:
         # delayed delivery: its celery_delayed_* queues are quorum queues too.
         "worker_detect_quorum_queues": True,
         "broker_native_delayed_delivery_queue_type": "quorum",
-        # --- Publishing: retry through a failover (see PUBLISH_RETRY_ROUNDS). --
+        # --- Publishing: retry through a failover. ------------------------------
+        # Celery/kombu's own retry is a single attempt: kombu copies this policy
+        # into the connection's transport options, so its connection step makes
+        # one connection attempt (not broker_connection_timeout's worth) and a
+        # publish that fails raises at once.  The failover to the next node, the
+        # back-off and the time budget (DEFAULT_PUBLISH_RETRY_SECONDS) are
+        # app.publish.BudgetedTask's, the task class of app.celery, because kombu
+        # cannot express a time budget here (see the comment at the top).
         "task_publish_retry": True,
         "task_publish_retry_policy": {
-            "max_retries": PUBLISH_RETRY_ROUNDS * len(settings.broker_urls),
-            "interval_start": PUBLISH_RETRY_INTERVAL_START,
-            "interval_step": PUBLISH_RETRY_INTERVAL_STEP,
-            "interval_max": PUBLISH_RETRY_INTERVAL_MAX,
+            "max_retries": 0,
+            "interval_start": 0.0,
+            "interval_step": 0.0,
+            "interval_max": 0.0,
         },
         # --- Consuming: ack only after the task ran. ----------------------------
         # acks_late: the message stays unacked while the task runs; if the worker

@@ -15,11 +15,10 @@ from typing import Any
 
 from app.celery import app
 from app.ledger import FINISH, START, append_record
+from app.settings import ENV_LEDGER, ENV_STEP_SECONDS
 
 logger = logging.getLogger(__name__)
 
-ENV_STEP_SECONDS = "COUNT_STEP_SECONDS"
-ENV_LEDGER = "TASK_LEDGER"
 STEPS = 10
 DEFAULT_STEP_SECONDS = 1.0  # the article: print 0..9, one second apart
 

@@ -11,20 +11,20 @@ setting: the benchmark puts the article's ``ha-all`` policy on the vhost.
 
 The task is this project's ``count`` (``app.tasks.count``, same name, same body,
 same ledger), registered on this app, so both configurations run the same code.
-``CELERY_BROKER_URLS`` (comma-separated) names the nodes; importing
-``app.tasks`` also builds this project's app from the same variable (unused
-here).
+``CELERY_BROKER_URLS`` (comma-separated) names the nodes, read as this project's
+app reads it (``WorkerSettings.from_env``, at the import of ``app.tasks``; that
+app is unused here).
 """
 
 from __future__ import annotations
 
-import os
-
 from celery import Celery
 
 from app import tasks as _ours
+from app.celery import settings as _settings
 
-BROKER_URLS = [u.strip() for u in os.environ["CELERY_BROKER_URLS"].split(",") if u.strip()]
+# The list as configured (not rotated): the article's order.
+BROKER_URLS = list(_settings.broker_urls)
 
 # Created after app.tasks (whose import creates this project's app), so this one is
 # the current app in this process.

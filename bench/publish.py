@@ -5,7 +5,8 @@ producer from the app's pool, ``count.apply_async(..., producer=producer)``), so
 only the Celery configuration differs:
 
 * ``ours``: ``app.celery`` (``celery_config(WorkerSettings.from_env())``, publisher
-  confirms and the long retry policy; a call returns once RabbitMQ confirmed);
+  confirms, and a publish retried for the publish retry budget by
+  ``app.publish.BudgetedTask``; a call returns once RabbitMQ confirmed);
 * ``article``: ``bench.article_app`` (Celery's defaults; a call returns once the
   message is written to the socket).
 
@@ -57,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--result-file", type=Path, required=True)
     args = parser.parse_args(argv)
 
+    from app.publish import PublishBudgetExceeded
+
     count = _task(args.config)
     app = count.app
     if args.confirms != "as-configured":  # before the first connection is made
@@ -82,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
                 count.apply_async(
                     kwargs={"step_seconds": args.task_seconds}, task_id=task_id, producer=producer
                 )
+            except PublishBudgetExceeded as exc:  # ours: no node for the whole budget
+                failed += 1
+                errors.append(f"{task_id}: {exc!r}")
+                break
             except Exception as exc:  # count it and go on, as a real scheduler would
                 failed += 1
                 consecutive += 1

@@ -67,7 +67,7 @@ from celery import Celery
 from kombu import Connection
 
 from app import ledger
-from app.settings import WorkerSettings
+from app.settings import ENV_BROKER_ROTATION, ENV_BROKER_URLS, ENV_HOSTNAME, WorkerSettings
 from bench.results import CONFIG_KEYS, build_results, format_table, plot_results
 from localcluster.cli_types import fraction, non_negative_float, positive_float, positive_int
 from localcluster.rabbit import ClusterError, LocalRabbitCluster, marked_pids
@@ -126,6 +126,7 @@ def article_config() -> Config:
             "worker_prefetch_multiplier": DEFAULTS["worker_prefetch_multiplier"],
             "confirm_publish": False,
             "task_publish_retry_policy": DEFAULTS["task_publish_retry_policy"],
+            "publish_retry_seconds": None,  # Celery's default policy only
             "broker_url_order": "as listed (rmq0 first for every process)",
             "broker_heartbeat": DEFAULTS["broker_heartbeat"],
             "pool": DEFAULTS["worker_pool"],
@@ -139,7 +140,7 @@ def ours_config(cluster_vhost: str, urls: list[str]) -> Config:
     """This project: exactly what app.celery loads from the shipped defaults."""
     from app.settings import celery_config
 
-    shipped = WorkerSettings.from_env({"CELERY_BROKER_URLS": ",".join(urls), "HOSTNAME": "w0"})
+    shipped = WorkerSettings.from_env({ENV_BROKER_URLS: ",".join(urls), ENV_HOSTNAME: "w0"})
     conf = celery_config(shipped)
     return Config(
         key="ours",
@@ -159,7 +160,8 @@ def ours_config(cluster_vhost: str, urls: list[str]) -> Config:
             "worker_prefetch_multiplier": conf["worker_prefetch_multiplier"],
             "confirm_publish": conf["broker_transport_options"].get("confirm_publish", False),
             "task_publish_retry_policy": conf["task_publish_retry_policy"],
-            "broker_url_order": "rotated per worker (CELERY_BROKER_ROTATION = worker index)",
+            "publish_retry_seconds": shipped.publish_retry_seconds,
+            "broker_url_order": f"rotated per worker ({ENV_BROKER_ROTATION} = worker index)",
             "broker_heartbeat": conf["broker_heartbeat"],
             "pool": conf["worker_pool"],
             "concurrency": conf["worker_concurrency"],

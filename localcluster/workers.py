@@ -14,8 +14,10 @@ use it as a context manager (or from a fixture's teardown), pass or fail.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,6 +26,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+
+from app.liveness import ENV_LIVENESS_FILE
+from app.settings import (
+    ENV_HOSTNAME,
+    ENV_LEDGER,
+    ENV_STEP_SECONDS,
+    WorkerSettings,
+    stable_rotation,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CELERY_BIN = Path(sys.executable).with_name("celery")
@@ -168,30 +179,58 @@ class Workers:
         self.procs: list[WorkerProc] = []
         self._schedulers: list[SchedulerProc] = []
 
-    def env(self, rotation: int | None = None, name: str | None = None) -> dict[str, str]:
+    def settings(
+        self, rotation: int | None = None, publish_retry_seconds: float | None = None
+    ) -> WorkerSettings:
+        """What a process started here gets from ``WorkerSettings.from_env()``.
+
+        ``rotation`` None: derived from the host name, as a pod's would be.
+        """
+        hostname = os.environ.get(ENV_HOSTNAME, "").strip() or socket.gethostname()
+        n = len(self.broker_urls)
+        settings = WorkerSettings(
+            broker_urls=tuple(self.broker_urls),
+            rotation=stable_rotation(hostname, n) if rotation is None else rotation % n,
+            hostname=hostname,
+            queue=self.queue,
+            pool=self.pool,
+            concurrency=self.concurrency,
+            heartbeat=self.heartbeat,
+        )
+        if publish_retry_seconds is not None:
+            settings = dataclasses.replace(settings, publish_retry_seconds=publish_retry_seconds)
+        return settings
+
+    def env(
+        self,
+        rotation: int | None = None,
+        name: str | None = None,
+        *,
+        publish_retry_seconds: float | None = None,
+    ) -> dict[str, str]:
+        settings = self.settings(rotation, publish_retry_seconds)
+        # Nothing of this process's Celery environment leaks into the children
+        # (Celery itself reads CELERY_* variables too): only what is set here.
         env = {
             k: v
             for k, v in os.environ.items()
-            if not k.startswith(("CELERY_", "TASK_LEDGER", "COUNT_STEP"))
+            if not k.startswith(("CELERY_", ENV_LEDGER, ENV_STEP_SECONDS))
         }
+        env.update(settings.to_env())
+        # Fail here, with the variable named, rather than in the child.
+        if WorkerSettings.from_env(env) != settings:
+            raise ValueError(f"settings do not survive the environment: {settings}")
         env.update(
             {
                 MARKER_ENV: self.marker,
                 "PYTHONPATH": str(REPO_ROOT),
                 "PYTHONUNBUFFERED": "1",
-                "CELERY_BROKER_URLS": ",".join(self.broker_urls),
-                "CELERY_QUEUE": self.queue,
-                "CELERY_POOL": self.pool,
-                "CELERY_CONCURRENCY": str(self.concurrency),
-                "CELERY_BROKER_HEARTBEAT": str(self.heartbeat),
-                "COUNT_STEP_SECONDS": repr(self.step_seconds),
-                "TASK_LEDGER": str(self.ledger),
+                ENV_STEP_SECONDS: repr(self.step_seconds),
+                ENV_LEDGER: str(self.ledger),
             }
         )
-        if rotation is not None:
-            env["CELERY_BROKER_ROTATION"] = str(rotation)
         if name is not None:
-            env["CELERY_LIVENESS_FILE"] = str(self.workdir / f"{name}.alive")
+            env[ENV_LIVENESS_FILE] = str(self.workdir / f"{name}.alive")
         return env
 
     def start(self, name: str, rotation: int | None = None) -> WorkerProc:
@@ -242,15 +281,19 @@ class Workers:
         step_seconds: float | None = None,
         rotation: int | None = 0,
         rate: float = 0.0,
+        publish_retry_seconds: float | None = None,
+        extra_args: Sequence[str] = (),
     ) -> SchedulerProc:
-        """Start ``python -m app.scheduler`` (not waited for); output in workdir."""
+        """Start ``python -m app.scheduler`` (not waited for); output in workdir.
+
+        ``publish_retry_seconds``: its publish retry budget (default: the shipped
+        one); ``extra_args``: more scheduler options (``--unconfirmed-file``, ...).
+        """
         out_path = self.workdir / f"scheduler-{len(self._schedulers)}.log"
         cmd = [
             sys.executable,
             "-m",
             "app.scheduler",
-            "--tasks",
-            str(n_tasks),
             "--task-seconds",
             repr(self.step_seconds if step_seconds is None else step_seconds),
             "--ids-file",
@@ -258,12 +301,15 @@ class Workers:
             "--rate",
             repr(rate),
             "--no-progress",
+            *extra_args,
         ]
+        if "--publish-ids" not in extra_args:
+            cmd += ["--tasks", str(n_tasks)]
         with open(out_path, "ab") as out:
             proc = subprocess.Popen(
                 cmd,
                 cwd=REPO_ROOT,
-                env=self.env(rotation),
+                env=self.env(rotation, publish_retry_seconds=publish_retry_seconds),
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -2,7 +2,9 @@
 
 ``rabbit_cluster`` is one started 3-node :class:`LocalRabbitCluster` for the whole
 session, closed (every process killed by PID / process group) pass or fail.
-``make_rabbit_cluster`` builds extra clusters for a single test.  Every cluster
+``make_rabbit_cluster`` builds extra clusters for a single test.
+``workers_factory`` makes groups of real Celery worker (and scheduler) processes,
+all killed by process group at the end of the test.  Every cluster
 created here is registered, and a session-wide autouse check fails the run if any
 process a cluster started (``beam.smp``, ``epmd``, the ``sh`` wrapper, Erlang
 helpers) is still alive at the end; survivors are killed by PID before failing.
@@ -24,6 +26,7 @@ from typing import Any
 import pytest
 
 from localcluster.rabbit import LocalRabbitCluster, marked_pids
+from localcluster.workers import Workers
 
 log = logging.getLogger(__name__)
 
@@ -126,3 +129,31 @@ def rabbit_cluster(rabbit_registry: RabbitRegistry) -> Iterator[LocalRabbitClust
     finally:
         rabbit_registry.snapshot(cluster)
         cluster.close()
+
+
+@pytest.fixture
+def workers_factory(tmp_path: Path) -> Iterator[Callable[..., Workers]]:
+    """Make Workers groups; every process is killed at teardown, pass or fail."""
+    made: list[Workers] = []
+
+    def make(queue: str, **kw: Any) -> Workers:
+        w = Workers(
+            kw.pop("broker_urls"),
+            queue,
+            ledger=tmp_path / "ledger.jsonl",
+            workdir=tmp_path / "logs",
+            **kw,
+        )
+        made.append(w)
+        return w
+
+    yield make
+    errors = []
+    for w in made:
+        try:
+            w.close()
+        except RuntimeError as exc:  # pragma: no cover - reported below
+            errors.append(str(exc))
+    assert not errors, errors
+    for w in made:
+        assert not w.leftover_pids(), "a worker process survived the test"

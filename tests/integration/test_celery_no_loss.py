@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -99,34 +99,6 @@ def report(name: str, ids: list[str], led: Path, seconds: float, **extra: Any) -
     numbers.update(extra)
     print("\nNO-LOSS " + json.dumps(numbers, sort_keys=True))
     return numbers
-
-
-@pytest.fixture
-def workers_factory(tmp_path: Path) -> Iterator[Callable[..., Workers]]:
-    """Make Workers groups; every process is killed at teardown, pass or fail."""
-    made: list[Workers] = []
-
-    def make(queue: str, **kw: Any) -> Workers:
-        w = Workers(
-            kw.pop("broker_urls"),
-            queue,
-            ledger=tmp_path / "ledger.jsonl",
-            workdir=tmp_path / "logs",
-            **kw,
-        )
-        made.append(w)
-        return w
-
-    yield make
-    errors = []
-    for w in made:
-        try:
-            w.close()
-        except RuntimeError as exc:  # pragma: no cover - reported below
-            errors.append(str(exc))
-    assert not errors, errors
-    for w in made:
-        assert not w.leftover_pids(), "a worker process survived the test"
 
 
 def all_completed(led: Path, ids_file: Path) -> Callable[[], bool]:
