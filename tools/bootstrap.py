@@ -11,6 +11,10 @@ Three virtualenvs, because their locked dependencies conflict:
   needs protobuf < 5.30, the program's pulumi is locked with protobuf 6);
 * ``.venv-scan``    the checkov security scan (requirements-scan.txt: checkov pins
   packaging < 24, pulumi needs >= 26).
+
+And, unless ``--no-rabbitmq``, the two Debian root filesystems the local cluster
+runs RabbitMQ from (``localcluster/rootfs.py``: built once with debootstrap as
+root, cached outside the work tree; a few minutes the first time).
 """
 
 from __future__ import annotations
@@ -25,6 +29,12 @@ import venv
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# `python3 tools/bootstrap.py` puts tools/ first on sys.path, not the repository.
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from localcluster import rootfs  # noqa: E402  (standard library only)
+
 VENV = ROOT / ".venv"
 LOCK = ROOT / "requirements-dev.txt"
 # (virtualenv, its lock file); the first is the main one and holds uv.
@@ -120,6 +130,43 @@ def ensure_nftables() -> None:
     run(*NFT_INSTALL.split(), "-qq", env=env)
 
 
+def ensure_debootstrap() -> None:
+    """debootstrap (and Debian's archive keyring) for the root filesystems; root only."""
+    missing = []
+    if rootfs.find_debootstrap() is None:
+        missing.append("debootstrap")
+    if not rootfs.KEYRING.exists():
+        missing.append("debian-archive-keyring")
+    if not missing or shutil.which("apt-get") is None:
+        return  # rootfs.ensure_root says what is missing and how to install it
+    say(f"installing {' '.join(missing)} from the OS packages (the RabbitMQ root filesystems)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    run("apt-get", "update", "-qq", env=env)
+    run("apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing, env=env)
+
+
+def ensure_rootfs() -> None:
+    """The Debian roots RabbitMQ runs from: checked quickly, built (as root) when missing."""
+    missing = [spec for spec in rootfs.ROOTS if rootfs.problem(spec) is not None]
+    if not missing:
+        return
+    if os.geteuid() != 0:
+        described = "\n".join(
+            f"    {spec.describe()}: {rootfs.problem(spec)} ({rootfs.root_path(spec)})"
+            for spec in missing
+        )
+        sys.exit(
+            "[bootstrap] the local cluster runs RabbitMQ from Debian root filesystems, built "
+            f"once with debootstrap as root:\n{described}\nRun:\n\n    {rootfs.root_commands()}\n"
+        )
+    ensure_debootstrap()
+    for spec in missing:
+        try:
+            rootfs.ensure_root(spec)
+        except rootfs.RootfsError as error:
+            sys.exit(f"[bootstrap] {error}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
@@ -133,6 +180,7 @@ def main() -> None:
     if not args.no_rabbitmq:
         ensure_rabbitmq()
         ensure_nftables()
+        ensure_rootfs()
 
 
 if __name__ == "__main__":

@@ -62,3 +62,64 @@ def test_nftables_installed_for_the_partition_fault_only_as_root(
         assert "nftables" in calls[-1]
     else:
         assert calls == []
+
+
+def test_present_roots_need_neither_root_nor_debootstrap(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bootstrap.rootfs, "problem", lambda spec: None)
+    monkeypatch.setattr(bootstrap.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(bootstrap, "run", lambda *a, **k: pytest.fail(f"ran {a}"))
+    monkeypatch.setattr(bootstrap.rootfs, "ensure_root", lambda spec: pytest.fail("built"))
+    bootstrap.ensure_rootfs()
+
+
+def test_missing_roots_without_root_exit_naming_the_command(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(
+        bootstrap.rootfs, "problem", lambda spec: "not built" if spec.suite == "sid" else None
+    )
+    monkeypatch.setattr(bootstrap.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(bootstrap, "run", lambda *a, **k: pytest.fail(f"ran {a}"))
+    monkeypatch.setattr(bootstrap.rootfs, "ensure_root", lambda spec: pytest.fail("built"))
+    with pytest.raises(SystemExit) as exited:
+        bootstrap.ensure_rootfs()
+    message = str(exited.value.code)
+    assert "sudo make setup" in message and "sudo python3 -m localcluster.rootfs" in message
+    assert "rabbitmq-4.3" in message and "rabbitmq-3.10" not in message
+
+
+def test_as_root_debootstrap_is_installed_then_the_missing_roots_built(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[tuple[str, ...]] = []
+    built: list[str] = []
+    monkeypatch.setattr(bootstrap, "run", lambda *args, **_: calls.append(tuple(map(str, args))))
+    monkeypatch.setattr(bootstrap.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(bootstrap.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(bootstrap.rootfs, "find_debootstrap", lambda: None)
+    monkeypatch.setattr(bootstrap.rootfs, "problem", lambda spec: "not built")
+    monkeypatch.setattr(bootstrap.rootfs, "ensure_root", lambda spec: built.append(spec.name))
+    bootstrap.ensure_rootfs()
+    assert calls[-1][:2] == ("apt-get", "install") and "debootstrap" in calls[-1]
+    assert built == ["rabbitmq-4.3", "rabbitmq-3.10"]
+
+
+def test_a_failed_root_build_exits_with_its_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(spec: object) -> None:
+        raise bootstrap.rootfs.RootfsError("the mirror offers rabbitmq-server 4.3.7-1")
+
+    monkeypatch.setattr(bootstrap.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(bootstrap, "ensure_debootstrap", lambda: None)
+    monkeypatch.setattr(bootstrap.rootfs, "problem", lambda spec: "not built")
+    monkeypatch.setattr(bootstrap.rootfs, "ensure_root", fail)
+    with pytest.raises(SystemExit, match=r"offers rabbitmq-server 4\.3\.7-1"):
+        bootstrap.ensure_rootfs()
+
+
+def test_no_rabbitmq_skips_the_roots(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bootstrap.sys, "argv", ["bootstrap.py", "--no-rabbitmq"])
+    monkeypatch.setattr(bootstrap, "ensure_packages", lambda *a: None)
+    monkeypatch.setattr(bootstrap, "ensure_venv", lambda *a, **k: Path("python"))
+    monkeypatch.setattr(bootstrap, "ensure_rootfs", lambda: pytest.fail("roots"))
+    monkeypatch.setattr(bootstrap, "ensure_rabbitmq", lambda: pytest.fail("rabbitmq"))
+    bootstrap.main()
