@@ -67,7 +67,7 @@ _RABBITMQ_IMAGE = re.compile(
 )
 _RABBITMQ_IMAGE_ALLOWED = (
     "the official 'rabbitmq' image, management variant, with a pinned version tag, "
-    "e.g. rabbitmq:4.1.4-management (optionally followed by @sha256:<digest>)"
+    "e.g. rabbitmq:4.3.6-management (optionally followed by @sha256:<digest>)"
 )
 _IMAGE_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _QUANTITY_FACTORS = {
@@ -187,8 +187,11 @@ class KubernetesConfig:
 @dataclass(frozen=True)
 class RabbitmqConfig:
     replicas: int = 3
-    # The official image, management variant, tag pinned: no custom image, no join script.
-    image: str = "rabbitmq:4.1.4-management"
+    # The official image, management variant, tag pinned: no custom image, no join
+    # script. Declared here only (the stack files inherit it): the pod twin boots
+    # this major.minor from a Debian root (localcluster.rootfs), and a test holds
+    # the two together.
+    image: str = "rabbitmq:4.3.6-management"
     namespace: str = "rabbitmq"
     storage_class: str = "pd-ssd"
     storage_size: str = "10Gi"

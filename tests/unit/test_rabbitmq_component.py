@@ -292,7 +292,7 @@ def test_production_statefulset_shape() -> None:
     assert pod["terminationGracePeriodSeconds"] == config.rabbitmq.termination_grace_seconds >= 60
     assert pod["serviceAccountName"] == rabbitmq.SERVICE_ACCOUNT
     container = _container(manifest)
-    assert container["image"] == "rabbitmq:4.1.4-management"
+    assert container["image"] == "rabbitmq:4.3.6-management"
     assert container["resources"] == config.rabbitmq.resources.to_kubernetes()
     assert container["resources"]["limits"] == {"cpu": "2", "memory": "4Gi"}
 

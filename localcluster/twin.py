@@ -1,0 +1,562 @@
+"""The pod twin: a stack's own rendered Kubernetes objects, as pods on this machine.
+
+The objects come from the program itself (``tools.mockrun.run_program``, what
+``make plan`` writes), with freshly generated secrets: change the StatefulSet
+and the twin changes with it. :func:`stateful_set_pods` and
+:func:`deployment_pod` turn a manifest into :class:`~localcluster.pods.PodSpec`
+objects. What cannot exist here is adapted, each adaptation in ONE place and
+listed in :data:`ADAPTATIONS` (a run's report carries that list):
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import secrets
+import string
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from components.config import load_stack_config, quantity_bytes
+from components.rabbitmq_conf import parse_version
+from localcluster import podnet, pods
+from localcluster.pods import CONTAINER_PATH, ContainerSpec, Mount, PodSpec, Probe
+from tools.mockrun import reveal, run_program, stack_config
+
+ROOT = Path(__file__).resolve().parent.parent
+CLUSTER_DOMAIN = "cluster.local"
+# The official RabbitMQ image's ENV, with its /opt/rabbitmq/sbin as the Debian
+# root's /usr/lib/rabbitmq/bin (RabbitMQ's own scripts, not Debian's wrappers).
+RABBITMQ_IMAGE_ENV = {
+    "PATH": f"/usr/lib/rabbitmq/bin:{CONTAINER_PATH}",
+    "HOME": "/var/lib/rabbitmq",
+    "LANG": "C.UTF-8",
+}
+
+#: Everything the twin changes on the way from a manifest to a pod, and why.
+ADAPTATIONS = {
+    "image": "the RabbitMQ image is a Debian root filesystem with the same RabbitMQ "
+    "major.minor (localcluster.rootfs); the Celery image is this checkout's virtualenv "
+    "and app/ (PATH and PYTHONPATH point there), run on this machine's own root",
+    "image command and env": "a container without `command` runs its image's default "
+    "(`rabbitmq-server`), with the official image's ENV: HOME=/var/lib/rabbitmq and "
+    "RabbitMQ's own scripts first on PATH (/usr/lib/rabbitmq/bin in the Debian root: "
+    "Debian's /usr/sbin wrappers log to a file and do not exec, the image's scripts do)",
+    "image user": "the official RabbitMQ image's user is uid/gid 999; the Debian root's "
+    "`rabbitmq` user is renumbered to the pod's runAsUser in the pod's /etc/passwd",
+    "PersistentVolumeClaim": "a directory per pod and claim that outlives the pod",
+    "Service DNS": "an /etc/hosts in every pod with each StatefulSet pod's "
+    "<pod>.<service>.<namespace> and ...svc.cluster.local names",
+    "secrets": "generated for the run (the program's RandomPassword results), never the "
+    "deployed ones",
+    "NetworkPolicy": "not enforced (every pod on the bridge reaches every other)",
+}
+
+
+class TwinError(RuntimeError):
+    pass
+
+
+def random_secret(name: str, length: int) -> str:
+    """A RandomPassword result as pulumi-random makes it (letters and digits)."""
+    alphabet = string.ascii_letters + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(length))
+
+
+@dataclass(frozen=True)
+class RenderedStack:
+    """A stack's Kubernetes objects, as the program registers them, secrets revealed."""
+
+    stack: str
+    objects: tuple[dict[str, Any], ...]
+
+    @classmethod
+    def render(cls, stack: str) -> RenderedStack:
+        run = run_program(stack_config(stack), stack, random_result=random_secret)
+        if run.error is not None:
+            raise TwinError(f"the program fails for stack {stack!r}: {run.error}")
+        return cls(stack, tuple(reveal(m) for _, m in run.kubernetes_objects()))
+
+    def get(self, kind: str, name: str) -> dict[str, Any]:
+        found = [o for o in self.objects if o["kind"] == kind and o["metadata"]["name"] == name]
+        if len(found) != 1:
+            raise TwinError(f"stack {self.stack}: expected one {kind} {name}, found {len(found)}")
+        return found[0]
+
+    def of_kind(self, kind: str) -> list[dict[str, Any]]:
+        return [o for o in self.objects if o["kind"] == kind]
+
+    def data(self, kind: str, name: str, namespace: str) -> dict[str, str]:
+        """A ConfigMap's or Secret's contents as the kubelet writes them into files."""
+        for o in self.objects:
+            meta = o["metadata"]
+            if o["kind"] == kind and meta["name"] == name and meta.get("namespace") == namespace:
+                if kind == "Secret":
+                    decoded = {
+                        k: base64.b64decode(v).decode() for k, v in (o.get("data") or {}).items()
+                    }
+                    return {**decoded, **(o.get("stringData") or {})}
+                return dict(o.get("data") or {})
+        raise TwinError(f"stack {self.stack}: no {kind} {namespace}/{name}")
+
+
+def image_version(image: str) -> str:
+    """ "4.3" of "rabbitmq:4.3.6-management"."""
+    match = re.search(r":(\d+\.\d+\.\d+)", image)
+    if match is None:
+        raise TwinError(f"no RabbitMQ version in the image {image!r}")
+    major, minor, _ = parse_version(match[1])
+    return f"{major}.{minor}"
+
+
+def pod_dns_names(pod: str, service: str, namespace: str) -> list[str]:
+    return [
+        f"{pod}.{service}.{namespace}.svc.{CLUSTER_DOMAIN}",
+        f"{pod}.{service}.{namespace}.svc",
+        f"{pod}.{service}.{namespace}",
+        pod,
+    ]
+
+
+def expand(value: str, env: Mapping[str, str]) -> str:
+    """``$(VAR)`` as the kubelet expands it: defined names only, ``$$`` escapes."""
+
+    def one(match: re.Match[str]) -> str:
+        if match[0] == "$$":
+            return "$"
+        return env.get(match[1], match[0])
+
+    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)", one, value)
+
+
+def container_env(
+    container: Mapping[str, Any], pod: str, namespace: str, rendered: RenderedStack
+) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for item in container.get("env", []):
+        if "value" in item:
+            env[item["name"]] = expand(item["value"], env)
+            continue
+        source = item["valueFrom"]
+        if "fieldRef" in source:
+            field = source["fieldRef"]["fieldPath"]
+            values = {"metadata.name": pod, "metadata.namespace": namespace}
+            if field not in values:
+                raise TwinError(f"{pod}: env {item['name']}: fieldRef {field} is not supported")
+            env[item["name"]] = values[field]
+        elif "secretKeyRef" in source:
+            ref = source["secretKeyRef"]
+            env[item["name"]] = rendered.data("Secret", ref["name"], namespace)[ref["key"]]
+        else:
+            raise TwinError(f"{pod}: env {item['name']}: {sorted(source)} is not supported")
+    return env
+
+
+def cpu_millis(quantity: str) -> int:
+    return int(quantity[:-1]) if quantity.endswith("m") else int(float(quantity) * 1000)
+
+
+def _probe(spec: Mapping[str, Any] | None, ports: Mapping[str, int]) -> Probe | None:
+    if spec is None:
+        return None
+    if "exec" in spec:
+        command, port = tuple(spec["exec"]["command"]), None
+    elif "tcpSocket" in spec:
+        named = spec["tcpSocket"]["port"]
+        command, port = (), ports[named] if isinstance(named, str) else int(named)
+    else:
+        raise TwinError(f"probe {sorted(spec)} is not supported")
+    return Probe(
+        exec=command,
+        tcp_port=port,
+        initial_delay=float(spec.get("initialDelaySeconds", 0)),
+        period=float(spec.get("periodSeconds", 10)),
+        timeout=float(spec.get("timeoutSeconds", 1)),
+        failure_threshold=int(spec.get("failureThreshold", 3)),
+        success_threshold=int(spec.get("successThreshold", 1)),
+    )
+
+
+@dataclass(frozen=True)
+class PodFiles:
+    """Where one pod's volumes live on this machine."""
+
+    pod_dir: Path  # removed with the pod
+    pvc_dir: Path  # kept across the pod's restarts
+
+    def volume(self, name: str) -> Path:
+        return self.pod_dir / "volumes" / name
+
+    def claim(self, name: str) -> Path:
+        return self.pvc_dir / name
+
+
+def _write(path: Path, text: str, mode: int, uid: int, gid: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(mode)
+    os.chown(path, uid, gid)
+
+
+def materialize_volumes(
+    pod: Mapping[str, Any],
+    pod_name: str,
+    namespace: str,
+    rendered: RenderedStack,
+    files: PodFiles,
+    claims: list[str],
+) -> dict[str, Path]:
+    """Each volume of the pod spec as a directory here, filled as the kubelet fills it."""
+    security = pod.get("securityContext", {})
+    uid, gid = int(security.get("runAsUser", 0)), int(security.get("fsGroup", 0))
+    out: dict[str, Path] = {}
+    for volume in pod.get("volumes", []):
+        name = volume["name"]
+        target = files.volume(name)
+        target.mkdir(parents=True, exist_ok=True)
+        if "emptyDir" in volume:
+            os.chown(target, uid, gid)
+            target.chmod(0o2777 if name == "tmp" else 0o2775)
+        elif "configMap" in volume or "secret" in volume:
+            kind = "ConfigMap" if "configMap" in volume else "Secret"
+            source = volume["configMap"] if kind == "ConfigMap" else volume["secret"]
+            ref = source["name"] if kind == "ConfigMap" else source["secretName"]
+            data = rendered.data(kind, ref, namespace)
+            mode = int(source.get("defaultMode", 0o644))
+            items = source.get("items") or [{"key": k, "path": k} for k in data]
+            for item in items:
+                _write(target / item["path"], data[item["key"]], mode, 0, gid)
+        elif "downwardAPI" in volume:
+            for item in volume["downwardAPI"]["items"]:
+                # A label the pod does not carry is an empty file.
+                _write(target / item["path"], "", 0o644, 0, gid)
+        else:
+            raise TwinError(f"{pod_name}: volume {name}: {sorted(volume)} is not supported")
+        out[name] = target
+    for claim in claims:
+        path = files.claim(claim)
+        path.mkdir(parents=True, exist_ok=True)
+        os.chown(path, uid, gid)
+        out[claim] = path
+    return out
+
+
+def _mounts(container: Mapping[str, Any], volumes: Mapping[str, Path]) -> tuple[Mount, ...]:
+    mounts = []
+    for m in container.get("volumeMounts", []):
+        source = volumes[m["name"]]
+        if "subPath" in m:
+            source = source / m["subPath"]
+        mounts.append(Mount(m["mountPath"], source, bool(m.get("readOnly", False))))
+    return tuple(mounts)
+
+
+def _ids(pod: Mapping[str, Any], container: Mapping[str, Any]) -> tuple[int, int]:
+    merged = {**pod.get("securityContext", {}), **container.get("securityContext", {})}
+    return int(merged.get("runAsUser", 0)), int(merged.get("runAsGroup", 0))
+
+
+def rabbitmq_passwd(root: Path, uid: int, gid: int, files: PodFiles) -> tuple[Mount, ...]:
+    """The root's /etc/passwd and /etc/group with `rabbitmq` as the image's uid/gid."""
+    mounts = []
+    for name, pattern, replacement in (
+        ("passwd", r"^rabbitmq:x:\d+:\d+:", f"rabbitmq:x:{uid}:{gid}:"),
+        ("group", r"^rabbitmq:x:\d+:", f"rabbitmq:x:{gid}:"),
+    ):
+        text = re.sub(pattern, replacement, (root / "etc" / name).read_text(), flags=re.M)
+        path = files.pod_dir / "etc" / name
+        _write(path, text, 0o644, 0, 0)
+        mounts.append(Mount(f"/etc/{name}", path, read_only=True))
+    return tuple(mounts)
+
+
+def _container_spec(
+    container: Mapping[str, Any],
+    pod: Mapping[str, Any],
+    env: Mapping[str, str],
+    volumes: Mapping[str, Path],
+    extra_mounts: tuple[Mount, ...],
+    default_command: tuple[str, ...],
+) -> ContainerSpec:
+    argv = [*container.get("command", []), *container.get("args", [])] or list(default_command)
+    uid, gid = _ids(pod, container)
+    return ContainerSpec(
+        name=container["name"],
+        argv=tuple(expand(a, env) for a in argv),
+        env=tuple(env.items()),
+        mounts=_mounts(container, volumes) + extra_mounts,
+        uid=uid,
+        gid=gid,
+        read_only_root=bool(container.get("securityContext", {}).get("readOnlyRootFilesystem")),
+    )
+
+
+def _limits(container: Mapping[str, Any]) -> tuple[int | None, int | None]:
+    limits = container.get("resources", {}).get("limits", {})
+    memory = quantity_bytes(limits["memory"]) if "memory" in limits else None
+    cpu = cpu_millis(limits["cpu"]) if "cpu" in limits else None
+    return memory, cpu
+
+
+def stateful_set_pod(
+    rendered: RenderedStack,
+    statefulset: Mapping[str, Any],
+    ordinal: int,
+    root: Path,
+    files: PodFiles,
+    hosts: Path,
+) -> PodSpec:
+    """Pod ``<name>-<ordinal>`` of a RabbitMQ StatefulSet, on the given root filesystem."""
+    name = f"{statefulset['metadata']['name']}-{ordinal}"
+    namespace = statefulset["metadata"]["namespace"]
+    template = statefulset["spec"]["template"]
+    pod = template["spec"]
+    claims = [c["metadata"]["name"] for c in statefulset["spec"].get("volumeClaimTemplates", [])]
+    volumes = materialize_volumes(pod, name, namespace, rendered, files, claims)
+    (main,) = pod["containers"]
+    uid, gid = _ids(pod, main)
+    extra = (Mount("/etc/hosts", hosts, read_only=True), *rabbitmq_passwd(root, uid, gid, files))
+    ports = {p["name"]: int(p["containerPort"]) for p in main.get("ports", [])}
+    memory, cpu = _limits(main)
+    pre_stop = main.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
+    return PodSpec(
+        name=name,
+        root=root,
+        container=_container_spec(
+            main,
+            pod,
+            {**RABBITMQ_IMAGE_ENV, **container_env(main, name, namespace, rendered)},
+            volumes,
+            extra,
+            ("rabbitmq-server",),
+        ),
+        init_containers=tuple(
+            _container_spec(
+                c,
+                pod,
+                {**RABBITMQ_IMAGE_ENV, **container_env(c, name, namespace, rendered)},
+                volumes,
+                extra,
+                (),
+            )
+            for c in pod.get("initContainers", [])
+        ),
+        memory_limit=memory,
+        cpu_limit_millis=cpu,
+        startup_probe=_probe(main.get("startupProbe"), ports),
+        readiness_probe=_probe(main.get("readinessProbe"), ports),
+        pre_stop=tuple(pre_stop),
+        grace_seconds=float(pod.get("terminationGracePeriodSeconds", 30)),
+    )
+
+
+def python_pod(
+    rendered: RenderedStack,
+    workload: Mapping[str, Any],
+    name: str,
+    files: PodFiles,
+    hosts: Path,
+) -> PodSpec:
+    """A pod of the Celery Deployment or the scheduler Job, on this machine's root."""
+    namespace = workload["metadata"]["namespace"]
+    pod = workload["spec"]["template"]["spec"]
+    volumes = materialize_volumes(pod, name, namespace, rendered, files, [])
+    (main,) = pod["containers"]
+    env = container_env(main, name, namespace, rendered)
+    # The image's PATH and PYTHONPATH (app/Dockerfile), pointing at this checkout.
+    venv_bin = Path(sys.executable).parent
+    env = {
+        "PATH": f"{venv_bin}:{CONTAINER_PATH}",
+        "PYTHONPATH": str(ROOT),
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONUNBUFFERED": "1",
+        **env,
+    }
+    spec = _container_spec(
+        main, pod, env, volumes, (Mount("/etc/hosts", hosts, read_only=True),), ()
+    )
+    argv = list(spec.argv)
+    if argv and (venv_bin / argv[0]).exists():
+        argv[0] = str(venv_bin / argv[0])
+    memory, cpu = _limits(main)
+    ports = {p["name"]: int(p["containerPort"]) for p in main.get("ports", [])}
+    return PodSpec(
+        name=name,
+        root=None,
+        container=ContainerSpec(
+            name=spec.name,
+            argv=tuple(argv),
+            env=spec.env,
+            mounts=spec.mounts,
+            uid=spec.uid,
+            gid=spec.gid,
+            read_only_root=False,
+        ),
+        memory_limit=memory,
+        cpu_limit_millis=cpu,
+        readiness_probe=_probe(main.get("readinessProbe"), ports),
+        grace_seconds=float(pod.get("terminationGracePeriodSeconds", 30)),
+    )
+
+
+def stack_rabbitmq_version(stack: str) -> str:
+    """The RabbitMQ major.minor a stack ships (its image tag)."""
+    config = load_stack_config(stack_config(stack), stack)
+    return image_version(config.rabbitmq.image)
+
+
+class StatefulSetTwin:
+    """A stack's RabbitMQ StatefulSet (and its Celery pods) as pods of one run here.
+
+    Everything the run makes is named with its run id and lives under ``base_dir``
+    (default: a new directory under /var/tmp/localcluster); :meth:`close` removes
+    all of it, PVC directories included, whatever state the run is in.
+    """
+
+    def __init__(
+        self,
+        stack: str = "prod",
+        *,
+        root: Path | None = None,
+        base_dir: Path | None = None,
+        run_id: str | None = None,
+        statefulset: str = "rabbitmq-server",
+    ) -> None:
+        self.run_id = run_id or secrets.token_hex(3)
+        self.stack = stack
+        self.rendered = RenderedStack.render(stack)
+        self.statefulset = self.rendered.get("StatefulSet", statefulset)
+        image = self.statefulset["spec"]["template"]["spec"]["containers"][0]["image"]
+        self.version = image_version(image)
+        self.root = root or _root_for(self.version)
+        self.base_dir = base_dir or Path("/var/tmp/localcluster") / self.run_id
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        self.network = podnet.PodNetwork(self.run_id)
+        meta = self.statefulset["metadata"]
+        self.namespace = meta["namespace"]
+        self.service = self.statefulset["spec"]["serviceName"]
+        replicas = int(self.statefulset["spec"]["replicas"])
+        self.pod_names = [f"{meta['name']}-{i}" for i in range(replicas)]
+        self.hosts = self.base_dir / "hosts"
+        entries = {
+            self.network.address_of(name): pod_dns_names(name, self.service, self.namespace)
+            for name in self.pod_names
+        }
+        self.hosts.write_text(podnet.hosts_file(entries))
+        self.pods: dict[str, pods.Pod] = {}
+        self.extra_pods: dict[str, pods.Pod] = {}
+
+    # --- files -------------------------------------------------------------------
+
+    def files(self, pod: str) -> PodFiles:
+        return PodFiles(self.base_dir / "pods" / pod, self.base_dir / "pvc" / pod)
+
+    def pod_spec(self, ordinal: int) -> pods.PodSpec:
+        name = self.pod_names[ordinal]
+        return stateful_set_pod(
+            self.rendered, self.statefulset, ordinal, self.root, self.files(name), self.hosts
+        )
+
+    # --- lifecycle ---------------------------------------------------------------
+
+    def start_pod(self, ordinal: int) -> pods.Pod:
+        """Create (or re-create) pod ``ordinal``: a new pod on the same PVC directory."""
+        name = self.pod_names[ordinal]
+        if name in self.pods:
+            self.pods.pop(name).remove()
+        pod = pods.Pod(self.pod_spec(ordinal), self.network, self.files(name).pod_dir)
+        self.pods[name] = pod
+        pod.start()
+        return pod
+
+    def start(self, timeout: float = 240) -> dict[str, float]:
+        """Every pod at once (``podManagementPolicy: Parallel``); seconds until each is Ready."""
+        for ordinal in range(len(self.pod_names)):
+            self.start_pod(ordinal)
+        return self.wait_ready(timeout)
+
+    def wait_ready(self, timeout: float = 240) -> dict[str, float]:
+        return {name: pod.wait_ready(timeout) for name, pod in self.pods.items()}
+
+    def address(self, ordinal: int) -> str:
+        return self.network.address_of(self.pod_names[ordinal])
+
+    def broker_urls(self, *, by_address: bool = False) -> list[str]:
+        """The rendered failover list (DNS names, for pods); ``by_address`` for this host."""
+        urls = self.rendered.data("Secret", "rabbitmq-credentials", self.namespace)["broker-urls"]
+        result = urls.split(",")
+        if by_address:
+            for i, name in enumerate(self.pod_names):
+                for dns in pod_dns_names(name, self.service, self.namespace)[:1]:
+                    result = [u.replace(f"@{dns}:", f"@{self.address(i)}:") for u in result]
+        return result
+
+    def rabbitmqctl(self, ordinal: int, *args: str, timeout: float = 60) -> str:
+        done = self.pods[self.pod_names[ordinal]].exec(["rabbitmqctl", *args], timeout=timeout)
+        if done.returncode != 0:
+            raise TwinError(f"rabbitmqctl {' '.join(args)}: {done.stderr.strip()[-500:]}")
+        return done.stdout
+
+    def running_nodes(self, ordinal: int = 0) -> list[str]:
+        status = json.loads(self.rabbitmqctl(ordinal, "cluster_status", "--formatter", "json"))
+        return sorted(status["running_nodes"])
+
+    def leftovers(self) -> dict[str, list[str]]:
+        """What this run still has on the machine: processes, namespaces, cgroups, mounts."""
+        procs = [
+            str(p) for pod in [*self.pods.values(), *self.extra_pods.values()] for p in pod.pids()
+        ]
+        cgroups = [
+            str(d)
+            for c in pods.CONTROLLERS
+            if (d := pods.CGROUP_ROOT / c / "localcluster" / self.run_id).exists()
+        ]
+        with open("/proc/mounts") as f:
+            mounts = [line.split()[1] for line in f if str(self.base_dir) in line.split()[1]]
+        return {
+            "processes": procs,
+            "netns": self.network.namespaces(),
+            "cgroups": cgroups,
+            "mounts": mounts,
+            "files": [str(self.base_dir)] if self.base_dir.exists() else [],
+        }
+
+    def close(self) -> None:
+        errors = []
+        for pod in [*self.extra_pods.values(), *self.pods.values()]:
+            try:
+                pod.remove()
+            except Exception as error:  # keep removing the rest
+                errors.append(f"{pod.name}: {error}")
+        try:
+            self.network.close()
+        except Exception as error:
+            errors.append(f"network: {error}")
+        pods.remove_run_cgroups(self.run_id)
+        pods.remove_tree(self.base_dir)
+        if errors:
+            raise TwinError("; ".join(errors))
+
+    def __enter__(self) -> StatefulSetTwin:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _root_for(version: str) -> Path:
+    from localcluster import rootfs
+
+    spec = rootfs.for_version(version)
+    trouble = rootfs.problem(spec)
+    if trouble is not None:
+        raise TwinError(
+            f"the root filesystem {spec.describe()} is {trouble}: build it with "
+            f"{rootfs.root_commands()}"
+        )
+    return rootfs.root_path(spec)
