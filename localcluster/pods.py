@@ -104,6 +104,8 @@ class PodSpec:
     readiness_probe: Probe | None = None
     pre_stop: tuple[str, ...] = ()
     grace_seconds: float = 30.0
+    # restartPolicy: Always (Deployments, StatefulSets) or Never (the scheduler Job).
+    restart: bool = True
 
 
 def _q(text: str | os.PathLike[str]) -> str:
@@ -192,6 +194,7 @@ class Pod:
     started_at: float | None = None
     ready_at: float | None = None
     restarts: int = 0
+    exit_code: int | None = None
     events: list[tuple[float, str]] = field(default_factory=list)
     _running: _Running | None = None
     _stopping: bool = False
@@ -226,6 +229,7 @@ class Pod:
         """Network, cgroups, init containers, then the container and its probes."""
         self._stopping = False
         self._gone.clear()
+        self.pod_dir.mkdir(parents=True, exist_ok=True)
         self.address = self.network.attach(self.name)
         self._make_cgroups()
         for container in self.spec.init_containers:
@@ -336,7 +340,10 @@ class Pod:
             if running is None:
                 return
             code = running.proc.wait()
-            if self._stopping or self._gone.is_set():
+            self.exit_code = code
+            if self._stopping or self._gone.is_set() or not self.spec.restart:
+                self._set_ready(False)
+                self._event(f"container exited {code}")
                 return
             self._event(f"container exited {code}; restart in {backoff:.0f} s")
             self._set_ready(False)
@@ -348,6 +355,18 @@ class Pod:
                 self._start_container()
             except PodError as error:
                 self._event(str(error))
+
+    def wait_exit(self, timeout: float) -> int:
+        """The exit code of a container that is not restarted (a Job's)."""
+        running = self._running
+        if running is None:
+            raise PodError(f"pod {self.name} is not running")
+        try:
+            return running.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise PodError(
+                f"pod {self.name} still running after {timeout:.0f} s: {self.tail()}"
+            ) from None
 
     # --- probes ------------------------------------------------------------------
 

@@ -55,6 +55,9 @@ ADAPTATIONS = {
     "secrets": "generated for the run (the program's RandomPassword results), never the "
     "deployed ones",
     "NetworkPolicy": "not enforced (every pod on the bridge reaches every other)",
+    "measurement env": "Celery pods may get extra env a run sets to count tasks "
+    "(TASK_LEDGER on a shared directory, COUNT_STEP_SECONDS); the manifest's env is kept",
+    "pod names": "Deployment and Job pods are named <name>-<i>, not <name>-<hash>-<id>",
 }
 
 
@@ -76,8 +79,10 @@ class RenderedStack:
     objects: tuple[dict[str, Any], ...]
 
     @classmethod
-    def render(cls, stack: str) -> RenderedStack:
-        run = run_program(stack_config(stack), stack, random_result=random_secret)
+    def render(cls, stack: str, overrides: Mapping[str, Any] | None = None) -> RenderedStack:
+        """``overrides``: top-level config keys replaced, as `pulumi config set` would."""
+        config = {**stack_config(stack), **(overrides or {})}
+        run = run_program(config, stack, random_result=random_secret)
         if run.error is not None:
             raise TwinError(f"the program fails for stack {stack!r}: {run.error}")
         return cls(stack, tuple(reveal(m) for _, m in run.kubernetes_objects()))
@@ -361,6 +366,7 @@ def python_pod(
     name: str,
     files: PodFiles,
     hosts: Path,
+    extra_env: Mapping[str, str] | None = None,
 ) -> PodSpec:
     """A pod of the Celery Deployment or the scheduler Job, on this machine's root."""
     namespace = workload["metadata"]["namespace"]
@@ -376,6 +382,7 @@ def python_pod(
         "PYTHONDONTWRITEBYTECODE": "1",
         "PYTHONUNBUFFERED": "1",
         **env,
+        **(extra_env or {}),
     }
     spec = _container_spec(
         main, pod, env, volumes, (Mount("/etc/hosts", hosts, read_only=True),), ()
@@ -401,6 +408,7 @@ def python_pod(
         cpu_limit_millis=cpu,
         readiness_probe=_probe(main.get("readinessProbe"), ports),
         grace_seconds=float(pod.get("terminationGracePeriodSeconds", 30)),
+        restart=pod.get("restartPolicy", "Always") == "Always",
     )
 
 
@@ -422,6 +430,7 @@ class StatefulSetTwin:
         self,
         stack: str = "prod",
         *,
+        overrides: Mapping[str, Any] | None = None,
         root: Path | None = None,
         base_dir: Path | None = None,
         run_id: str | None = None,
@@ -429,7 +438,7 @@ class StatefulSetTwin:
     ) -> None:
         self.run_id = run_id or secrets.token_hex(3)
         self.stack = stack
-        self.rendered = RenderedStack.render(stack)
+        self.rendered = RenderedStack.render(stack, overrides)
         self.statefulset = self.rendered.get("StatefulSet", statefulset)
         image = self.statefulset["spec"]["template"]["spec"]["containers"][0]["image"]
         self.version = image_version(image)
@@ -495,6 +504,40 @@ class StatefulSetTwin:
                 for dns in pod_dns_names(name, self.service, self.namespace)[:1]:
                     result = [u.replace(f"@{dns}:", f"@{self.address(i)}:") for u in result]
         return result
+
+    # --- Celery pods -----------------------------------------------------------
+
+    def _python_pod(
+        self, workload: Mapping[str, Any], name: str, extra_env: Mapping[str, str] | None
+    ) -> pods.Pod:
+        files = self.files(name)
+        spec = python_pod(self.rendered, workload, name, files, self.hosts, extra_env)
+        pod = pods.Pod(spec, self.network, files.pod_dir)
+        self.extra_pods[name] = pod
+        pod.start()
+        return pod
+
+    def start_workers(self, extra_env: Mapping[str, str] | None = None) -> list[pods.Pod]:
+        """The worker Deployment's replicas as pods (its command, env and broker Secret)."""
+        (deployment,) = self.rendered.of_kind("Deployment")
+        name = deployment["metadata"]["name"]
+        replicas = int(deployment["spec"]["replicas"])
+        return [self._python_pod(deployment, f"{name}-{i}", extra_env) for i in range(replicas)]
+
+    def run_scheduler(self, extra_env: Mapping[str, str] | None = None) -> pods.Pod:
+        """The scheduler Job's pod (the stack, or ``overrides``, must enable it)."""
+        jobs = self.rendered.of_kind("Job")
+        if not jobs:
+            raise TwinError(f"stack {self.stack} renders no scheduler Job (workers.scheduler)")
+        (job,) = jobs
+        return self._python_pod(job, f"{job['metadata']['name']}-0", extra_env)
+
+    def shared_dir(self, name: str) -> Path:
+        """A directory every pod of the run can write (a ledger, say)."""
+        path = self.base_dir / "shared" / name
+        path.mkdir(parents=True, exist_ok=True)
+        path.chmod(0o1777)
+        return path
 
     def rabbitmqctl(self, ordinal: int, *args: str, timeout: float = 60) -> str:
         done = self.pods[self.pod_names[ordinal]].exec(["rabbitmqctl", *args], timeout=timeout)
