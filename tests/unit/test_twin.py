@@ -34,14 +34,21 @@ def test_env_is_expanded_as_the_kubelet_does() -> None:
     assert twin.expand("$$(POD)", env) == "$(POD)"
 
 
-def test_a_statefulset_pod_is_its_manifest(
-    rendered: twin.RenderedStack, fake_root: Path, tmp_path: Path
-) -> None:
-    sts = rendered.get("StatefulSet", "rabbitmq-server")
+def _pod(
+    rendered: twin.RenderedStack, root: Path, tmp_path: Path, ordinal: int
+) -> tuple[pods.PodSpec, twin.PodFiles]:
     files = twin.PodFiles(tmp_path / "pod", tmp_path / "pvc")
     hosts = tmp_path / "hosts"
     hosts.write_text("")
-    spec = twin.stateful_set_pod(rendered, sts, 1, fake_root, files, hosts)
+    sts = rendered.get("StatefulSet", "rabbitmq-server")
+    return twin.stateful_set_pod(rendered, sts, ordinal, root, files, hosts), files
+
+
+def test_a_statefulset_pod_is_its_manifest(
+    rendered: twin.RenderedStack, fake_root: Path, tmp_path: Path
+) -> None:
+    spec, files = _pod(rendered, fake_root, tmp_path, 1)
+    sts = rendered.get("StatefulSet", "rabbitmq-server")
     manifest = sts["spec"]["template"]["spec"]
     (main,) = manifest["containers"]
     assert spec.name == "rabbitmq-server-1"
@@ -78,11 +85,7 @@ def test_a_statefulset_pod_is_its_manifest(
 def test_the_container_script_mounts_then_drops_to_the_pod_user(
     rendered: twin.RenderedStack, fake_root: Path, tmp_path: Path
 ) -> None:
-    sts = rendered.get("StatefulSet", "rabbitmq-server")
-    files = twin.PodFiles(tmp_path / "pod", tmp_path / "pvc")
-    hosts = tmp_path / "hosts"
-    hosts.write_text("")
-    spec = twin.stateful_set_pod(rendered, sts, 0, fake_root, files, hosts)
+    spec, files = _pod(rendered, fake_root, tmp_path, 0)
     script = pods.container_script(spec, spec.container, files.pod_dir)
     lines = script.splitlines()
     assert lines[1] == "hostname rabbitmq-server-0"
