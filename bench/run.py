@@ -72,7 +72,7 @@ from bench.results import CONFIG_KEYS, build_results, format_table, plot_results
 from localcluster.cli_types import fraction, non_negative_float, positive_float, positive_int
 from localcluster.rabbit import ClusterError, LocalRabbitCluster, marked_pids
 from localcluster.report import LedgerTail, longest_gap, read_events
-from localcluster.run import connected_nodes
+from localcluster.sockets import connected_nodes
 from localcluster.workers import REPO_ROOT, Workers
 
 log = logging.getLogger("bench")

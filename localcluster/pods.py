@@ -515,6 +515,16 @@ class Pod:
         self._set_ready(False)
         return time.monotonic() - begin
 
+    @property
+    def pid(self) -> int | None:
+        """This machine's pid of the container's PID 1 (the container's main process)."""
+        running = self._running
+        return None if running is None else running.pid1
+
+    def running(self) -> bool:
+        running = self._running
+        return running is not None and running.proc.poll() is None
+
     def kill(self) -> None:
         """SIGKILL every process of the pod at once (a crashed machine, a kill -9)."""
         running = self._running

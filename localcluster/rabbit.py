@@ -66,6 +66,7 @@ from components.rabbitmq_conf import (
     parse_version,
     rabbitmq_conf,
 )
+from localcluster.sockets import connected_nodes
 
 __all__ = [
     "INSTALL_COMMAND",
@@ -815,6 +816,14 @@ class LocalRabbitCluster:
         node.proc = None
         if present:
             raise ClusterError(f"{node.name}: processes survived SIGKILL: {sorted(present)}")
+
+    def connected_nodes(self, pid: int) -> list[int]:
+        """The nodes process ``pid`` has AMQP connections to, most first."""
+        return connected_nodes(pid, self.amqp_ports)
+
+    def live_pids(self) -> set[int]:
+        """Every live process carrying this cluster's marker."""
+        return marked_pids(self.cluster_id)
 
     def pids(self) -> list[int]:
         """Every live OS process this cluster started and still has."""

@@ -45,22 +45,23 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
 import traceback
-from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from app import ledger
+from localcluster import twin, twin_engine
 from localcluster.cli_types import fraction, non_negative_float, positive_int
 from localcluster.partition import LoopbackPartition, PartitionUnavailableError, check_available
-from localcluster.rabbit import ClusterError, LocalRabbitCluster, _port_open, marked_pids
+from localcluster.rabbit import ClusterError, LocalRabbitCluster, _port_open
 from localcluster.report import (
     Event,
     LedgerTail,
@@ -71,7 +72,8 @@ from localcluster.report import (
     read_events,
     utc_now,
 )
-from localcluster.workers import SchedulerProc, WorkerProc, Workers
+from localcluster.sockets import connected_nodes
+from localcluster.workers import WorkerProc, Workers
 
 log = logging.getLogger("localcluster")
 
@@ -84,6 +86,8 @@ FAULTS = (
     "partition",
     "none",
 )
+ENGINES = ("twin", "loopback")
+
 #: How long the isolated node may take to pause once cut off (it notices at once:
 #: the rules reset its distribution connections).
 PAUSE_TIMEOUT = 60.0
@@ -117,15 +121,16 @@ class LocalRun:
         self.ledger_path = self.logs / "ledger.jsonl"
         self.ids_file = self.logs / "ids.txt"
         self.tail = LedgerTail(self.ledger_path)
-        self.cluster: LocalRabbitCluster | None = None
+        self.cluster: Any = None  # LocalRabbitCluster, or TwinNodes (the pod twin)
         self.partition: LoopbackPartition | None = None
-        self.workers: Workers | None = None
-        self.scheduler: SchedulerProc | None = None
+        self.workers: Any = None  # Workers, or PodWorkers
+        self.scheduler: Any = None  # SchedulerProc, or SchedulerPod
         self.scheduler_exit: int | None = None
         self.marks: dict[str, float] = {}  # wall-clock (time.time()) of each step
         self.fault: dict[str, Any] = {"kind": args.fault}
         self.seen_pids: set[int] = set()
         self.leftover_pids: list[int] = []
+        self.twin_files: dict[str, str] = {}
         self.phase = "starting"
         self._stop_progress = threading.Event()
         self._progress: threading.Thread | None = None
@@ -176,7 +181,7 @@ class LocalRun:
         """Recorded pids still alive *and* still carrying one of our markers."""
         ours: set[int] = set()
         if self.cluster is not None:
-            ours |= marked_pids(self.cluster.cluster_id)
+            ours |= self.cluster.live_pids()
         if self.workers is not None:
             ours |= self.workers.leftover_pids()
         return sorted(ours)
@@ -217,36 +222,12 @@ class LocalRun:
         self._clean_logs()
         self.marks["begin"] = time.time()
         self.phase = "booting RabbitMQ"
-        self.say(f"booting a {NODES}-node RabbitMQ cluster on 127.0.0.1")
-        # For a partition each node opens its cluster links from its own loopback
-        # address, so rules can cut one node's links (localcluster/partition.py).
-        self.cluster = LocalRabbitCluster(
-            size=NODES, own_dist_source_addresses=args.fault == "partition"
-        )
-        self.cluster.start()
-        self.snapshot_pids()
-        self.marks["cluster_ready"] = time.time()
-        self.say(
-            f"cluster {self.cluster.cluster_id} (RabbitMQ {self.cluster.version}) clustered "
-            f"after {self.cluster.timings['clustered']:.1f} s; AMQP ports {self.cluster.amqp_ports}"
-        )
-
-        self.phase = "starting workers"
-        self.workers = Workers(
-            self.cluster.broker_urls(),
-            QUEUE,
-            ledger=self.ledger_path,
-            workdir=self.logs,
-            concurrency=args.concurrency,
-            step_seconds=args.task_seconds,
-        )
-        started = self.workers.start_many([f"w{i}" for i in range(args.workers)])
+        if args.engine == "twin":
+            self._boot_twin()
+        else:
+            self._boot_loopback()
         self.snapshot_pids()
         self.marks["workers_ready"] = time.time()
-        self.say(
-            f"{len(started)} workers ready ({args.concurrency} threads each, worker wI "
-            f"starts on node rmq(I mod {NODES}))"
-        )
 
         self.phase = "running"
         self.marks["publish"] = time.time()
@@ -287,6 +268,87 @@ class LocalRun:
         self.marks["end"] = time.time()
         self.phase = "done"
 
+    def _boot_loopback(self) -> None:
+        args = self.args
+        self.say(f"booting a {NODES}-node RabbitMQ cluster on 127.0.0.1")
+        # For a partition each node opens its cluster links from its own loopback
+        # address, so rules can cut one node's links (localcluster/partition.py).
+        self.cluster = LocalRabbitCluster(
+            size=NODES, own_dist_source_addresses=args.fault == "partition"
+        )
+        self.cluster.start()
+        self.snapshot_pids()
+        self.marks["cluster_ready"] = time.time()
+        self.say(
+            f"cluster {self.cluster.cluster_id} (RabbitMQ {self.cluster.version}) clustered "
+            f"after {self.cluster.timings['clustered']:.1f} s; AMQP ports {self.cluster.amqp_ports}"
+        )
+        self.phase = "starting workers"
+        self.workers = Workers(
+            self.cluster.broker_urls(),
+            QUEUE,
+            ledger=self.ledger_path,
+            workdir=self.logs,
+            concurrency=args.concurrency,
+            step_seconds=args.task_seconds,
+        )
+        started = self.workers.start_many([f"w{i}" for i in range(args.workers)])
+        self.say(
+            f"{len(started)} workers ready ({args.concurrency} threads each, worker wI "
+            f"starts on node rmq(I mod {NODES}))"
+        )
+
+    def _boot_twin(self) -> None:
+        """The prod stack's StatefulSet, worker Deployment and scheduler Job as pods."""
+        args = self.args
+        stack = twin_engine.STACK
+        self.say(f"rendering stack {stack} and booting its RabbitMQ StatefulSet as pods")
+        rendered = twin.StatefulSetTwin(
+            stack,
+            overrides=twin_engine.overrides(
+                stack,
+                workers=args.workers,
+                concurrency=args.concurrency,
+                tasks=args.tasks,
+                task_seconds=args.task_seconds,
+            ),
+        )
+        self.cluster = twin_engine.TwinNodes(rendered)
+        self.cluster.start()
+        self.snapshot_pids()
+        self.marks["cluster_ready"] = time.time()
+        ready = {n: round(p.wait_ready(0), 1) for n, p in rendered.pods.items()}
+        self.twin_files = self.cluster.mounted_files()
+        self.fault["pods_ready_s"] = ready
+        self.say(
+            f"run {rendered.run_id}: RabbitMQ {self.cluster.version} pods Ready after {ready} s, "
+            f"clustered by Kubernetes peer discovery after "
+            f"{self.cluster.timings['clustered']:.1f} s"
+        )
+        self.phase = "starting workers"
+        self.workers = twin_engine.PodWorkers(rendered, args.task_seconds)
+        # The pods write the ledger on the run's shared directory; read it live.
+        self.ledger_path = self.workers.ledger
+        self.ids_file = self.workers.shared / "ids.txt"
+        self.tail = LedgerTail(self.ledger_path)
+        started = self.workers.start_many([])
+        self.say(
+            f"{len(started)} worker pods Ready ({args.concurrency} threads each, "
+            "broker list rotated by pod name)"
+        )
+
+    def _keep_twin_files(self) -> None:
+        """The ledger and ids live in the twin's directory, which close() removes."""
+        for name, target in (("ledger.jsonl", "ledger.jsonl"), ("ids.txt", "ids.txt")):
+            source = self.workers.shared / name
+            if source.exists():
+                shutil.copyfile(source, self.logs / target)
+        self.ledger_path = self.logs / "ledger.jsonl"
+        self.ids_file = self.logs / "ids.txt"
+        for name, pod in {**self.cluster.twin.pods, **self.cluster.twin.extra_pods}.items():
+            with contextlib.suppress(OSError):
+                (self.logs / f"{name}.log").write_text(pod.tail(lines=400) + "\n")
+
     def _clean_logs(self) -> None:
         """Remove what a previous run left in --out/logs (only our own file names)."""
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -309,7 +371,7 @@ class LocalRun:
         ``--down-seconds`` later start it again and wait until it has rejoined."""
         assert self.cluster is not None and self.workers is not None
         victim = self.workers.procs[0]
-        nodes = connected_nodes(victim.pid, self.cluster.amqp_ports)
+        nodes = self.cluster.connected_nodes(victim.pid)
         if nodes:
             node, how = nodes[0], "its AMQP connection"
         else:
@@ -341,7 +403,7 @@ class LocalRun:
     def _w0_node(self) -> tuple[int, str]:
         """The node worker w0 is connected to, and how we know."""
         assert self.cluster is not None and self.workers is not None
-        nodes = connected_nodes(self.workers.procs[0].pid, self.cluster.amqp_ports)
+        nodes = self.cluster.connected_nodes(self.workers.procs[0].pid)
         if nodes:
             return nodes[0], "its AMQP connection"
         return 0, "its broker rotation (no connection found)"
@@ -499,7 +561,12 @@ class LocalRun:
                 self.partition.heal()
             except Exception as exc:
                 problems.append(f"partition: {exc}")
-        if failed and self.cluster is not None:
+        if self.args.engine == "twin" and self.workers is not None:
+            try:
+                self._keep_twin_files()
+            except Exception as exc:
+                problems.append(f"keeping the ledger: {exc}")
+        elif failed and self.cluster is not None:
             self._keep_rabbit_logs()
         if self.workers is not None:
             try:
@@ -509,7 +576,7 @@ class LocalRun:
         if self.cluster is not None:
             try:
                 self.cluster.close()
-            except (ClusterError, OSError) as exc:
+            except (ClusterError, OSError, twin.TwinError) as exc:
                 problems.append(f"rabbitmq: {exc}")
         self.leftover_pids = self.ours_alive()
         if self.leftover_pids:
@@ -608,7 +675,16 @@ class LocalRun:
             },
             "problems": problems,
             "logs": str(self.logs),
+            "engine": args.engine,
         }
+        if args.engine == "twin" and isinstance(self.cluster, twin_engine.TwinNodes):
+            report["twin"] = {
+                "stack": self.cluster.twin.stack,
+                "rabbitmq_version": self.cluster.version,
+                "run_id": self.cluster.twin.run_id,
+                "mounted_files_sha256": self.twin_files,
+                "adaptations": twin.ADAPTATIONS,
+            }
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         title = (
@@ -640,34 +716,6 @@ def _finishes_by_worker(events: list[Event]) -> dict[str, list[float]]:
 
 def _since(marks: dict[str, float], a: str, b: str) -> float | None:
     return round(marks[b] - marks[a], 2) if a in marks and b in marks else None
-
-
-def connected_nodes(pid: int, amqp_ports: list[int]) -> list[int]:
-    """Indices of the nodes whose AMQP port process ``pid`` has an established
-    TCP connection to, most connections first (from /proc: socket inodes)."""
-    inodes: set[str] = set()
-    try:
-        for fd in os.scandir(f"/proc/{pid}/fd"):
-            with contextlib.suppress(OSError):
-                link = os.readlink(fd.path)
-                if link.startswith("socket:["):
-                    inodes.add(link[len("socket:[") : -1])
-    except OSError:
-        return []
-    counts: Counter[int] = Counter()
-    for table in ("tcp", "tcp6"):
-        try:
-            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if len(fields) < 10 or fields[3] != "01" or fields[9] not in inodes:
-                continue  # 01: ESTABLISHED
-            port = int(fields[2].rsplit(":", 1)[1], 16)
-            if port in amqp_ports:
-                counts[amqp_ports.index(port)] += 1
-    return [node for node, _ in counts.most_common()]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -735,6 +783,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=DEFAULT_TIMEOUT,
         help="give up waiting for the tasks after this many seconds from publishing",
     )
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="twin",
+        help="twin: the prod stack's rendered StatefulSet, worker Deployment and scheduler "
+        "Job as pods (RabbitMQ 4.3, what ships; needs root); loopback: Debian's RabbitMQ "
+        "3.10 on 127.0.0.1 and worker processes (the only engine with --fault partition "
+        "for now)",
+    )
     parser.add_argument("--out", default="out/local", help="output directory")
     parser.add_argument("-v", "--verbose", action="store_true", help="log the cluster's steps")
     args = parser.parse_args(argv)
@@ -780,6 +837,20 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    if args.engine == "twin" and args.fault == "partition":
+        print(
+            "[localcluster] error: --fault partition runs on --engine loopback only (the pod "
+            "network partition is not built yet); nothing was started",
+            file=sys.stderr,
+        )
+        return 2
+    if args.engine == "twin" and os.geteuid() != 0:
+        print(
+            "[localcluster] error: --engine twin needs root (network namespaces, cgroups, "
+            "mounts): run it as root, or pass --engine loopback; nothing was started",
+            file=sys.stderr,
+        )
+        return 2
     if args.fault == "partition":
         try:
             check_available()

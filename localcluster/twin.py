@@ -17,7 +17,7 @@ import re
 import secrets
 import string
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,8 @@ ADAPTATIONS = {
     "NetworkPolicy": "not enforced (every pod on the bridge reaches every other)",
     "measurement env": "Celery pods may get extra env a run sets to count tasks "
     "(TASK_LEDGER on a shared directory, COUNT_STEP_SECONDS); the manifest's env is kept",
+    "measurement args": "the scheduler pod may get extra options a run adds to the Job's "
+    "command (--ids-file on a shared directory, --rate, --no-progress)",
     "pod names": "Deployment and Job pods are named <name>-<i>, not <name>-<hash>-<id>",
 }
 
@@ -367,6 +369,7 @@ def python_pod(
     files: PodFiles,
     hosts: Path,
     extra_env: Mapping[str, str] | None = None,
+    extra_args: Sequence[str] = (),
 ) -> PodSpec:
     """A pod of the Celery Deployment or the scheduler Job, on this machine's root."""
     namespace = workload["metadata"]["namespace"]
@@ -387,7 +390,7 @@ def python_pod(
     spec = _container_spec(
         main, pod, env, volumes, (Mount("/etc/hosts", hosts, read_only=True),), ()
     )
-    argv = list(spec.argv)
+    argv = [*spec.argv, *extra_args]
     if argv and (venv_bin / argv[0]).exists():
         argv[0] = str(venv_bin / argv[0])
     memory, cpu = _limits(main)
@@ -508,29 +511,53 @@ class StatefulSetTwin:
     # --- Celery pods -----------------------------------------------------------
 
     def _python_pod(
-        self, workload: Mapping[str, Any], name: str, extra_env: Mapping[str, str] | None
+        self,
+        workload: Mapping[str, Any],
+        name: str,
+        extra_env: Mapping[str, str] | None,
+        extra_args: Sequence[str] = (),
     ) -> pods.Pod:
         files = self.files(name)
-        spec = python_pod(self.rendered, workload, name, files, self.hosts, extra_env)
+        spec = python_pod(self.rendered, workload, name, files, self.hosts, extra_env, extra_args)
         pod = pods.Pod(spec, self.network, files.pod_dir)
         self.extra_pods[name] = pod
         pod.start()
         return pod
 
-    def start_workers(self, extra_env: Mapping[str, str] | None = None) -> list[pods.Pod]:
-        """The worker Deployment's replicas as pods (its command, env and broker Secret)."""
+    @property
+    def deployment(self) -> dict[str, Any]:
         (deployment,) = self.rendered.of_kind("Deployment")
-        name = deployment["metadata"]["name"]
-        replicas = int(deployment["spec"]["replicas"])
-        return [self._python_pod(deployment, f"{name}-{i}", extra_env) for i in range(replicas)]
+        return deployment
 
-    def run_scheduler(self, extra_env: Mapping[str, str] | None = None) -> pods.Pod:
+    def worker_names(self) -> list[str]:
+        name = self.deployment["metadata"]["name"]
+        return [f"{name}-{i}" for i in range(int(self.deployment["spec"]["replicas"]))]
+
+    def start_worker(self, name: str, extra_env: Mapping[str, str] | None = None) -> pods.Pod:
+        """One pod of the worker Deployment (its command, env and broker Secret)."""
+        return self._python_pod(self.deployment, name, extra_env)
+
+    def start_workers(self, extra_env: Mapping[str, str] | None = None) -> list[pods.Pod]:
+        """The worker Deployment's replicas as pods."""
+        return [self.start_worker(name, extra_env) for name in self.worker_names()]
+
+    def run_scheduler(
+        self, extra_env: Mapping[str, str] | None = None, extra_args: Sequence[str] = ()
+    ) -> pods.Pod:
         """The scheduler Job's pod (the stack, or ``overrides``, must enable it)."""
         jobs = self.rendered.of_kind("Job")
         if not jobs:
             raise TwinError(f"stack {self.stack} renders no scheduler Job (workers.scheduler)")
         (job,) = jobs
-        return self._python_pod(job, f"{job['metadata']['name']}-0", extra_env)
+        base = job["metadata"]["name"]
+        name = f"{base}-{sum(p.startswith(base) for p in self.extra_pods)}"
+        return self._python_pod(job, name, extra_env, extra_args)
+
+    def ordinal_of_address(self, address: str) -> int | None:
+        for i in range(len(self.pod_names)):
+            if self.address(i) == address:
+                return i
+        return None
 
     def shared_dir(self, name: str) -> Path:
         """A directory every pod of the run can write (a ledger, say)."""

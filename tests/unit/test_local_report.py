@@ -20,7 +20,8 @@ from localcluster.report import (
     read_events,
     throughput,
 )
-from localcluster.run import DEFAULT_FAULT_AT, connected_nodes, parse_args
+from localcluster.run import DEFAULT_FAULT_AT, parse_args
+from localcluster.sockets import connected_nodes
 
 
 def record(path: Path, event: str, task_id: str, worker: str, ts: float) -> None:

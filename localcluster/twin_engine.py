@@ -1,0 +1,279 @@
+"""The pod twin behind ``python -m localcluster``: RabbitMQ and Celery as pods.
+
+:class:`TwinNodes` and :class:`PodWorkers` give :class:`localcluster.run.LocalRun`
+the same operations the loopback engine's ``LocalRabbitCluster`` and ``Workers``
+give it, on a :class:`~localcluster.twin.StatefulSetTwin` of the prod stack: the
+run's options become the stack config the program renders (worker replicas and
+concurrency, the scheduler Job's tasks), so the pods are the program's own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from localcluster import pods, rootfs, twin
+from localcluster.sockets import established_endpoints
+from tools.mockrun import stack_config
+
+STACK = "prod"
+AMQP_PORT = 5672
+
+
+def overrides(
+    stack: str, *, workers: int, concurrency: int, tasks: int, task_seconds: float
+) -> dict[str, Any]:
+    """The run's options as the stack config `pulumi config set` would write."""
+    base = stack_config(stack)["celery-cluster:workers"]
+    return {
+        "celery-cluster:workers": {
+            **base,
+            "replicas": workers,
+            "concurrency": concurrency,
+            "scheduler": {"enabled": True, "tasks": tasks, "taskSeconds": task_seconds},
+        }
+    }
+
+
+class TwinNodes:
+    """The RabbitMQ pods, with the loopback cluster's operations."""
+
+    def __init__(self, cluster: twin.StatefulSetTwin) -> None:
+        self.twin = cluster
+        self.cluster_id = cluster.run_id
+        self.node_names = list(cluster.pod_names)
+        self.amqp_ports = [AMQP_PORT] * len(self.node_names)
+        self.timings: dict[str, float] = {}
+        self.version = rootfs.for_version(cluster.version).upstream_version
+
+    def _pod(self, i: int) -> pods.Pod:
+        return self.twin.pods[self.node_names[i]]
+
+    def start(self, timeout: float = 300) -> None:
+        begin = time.monotonic()
+        self.twin.start(timeout)
+        self.wait_clustered(timeout)
+        self.timings["clustered"] = time.monotonic() - begin
+
+    def broker_urls(self) -> list[str]:
+        return self.twin.broker_urls()
+
+    def is_running(self, i: int) -> bool:
+        name = self.node_names[i]
+        return name in self.twin.pods and self.twin.pods[name].running()
+
+    def stop_node(self, i: int, graceful: bool = True, timeout: float = 60) -> None:
+        pod = self._pod(i)
+        if graceful:
+            pod.stop()
+        else:
+            pod.kill()
+
+    def kill_node(self, i: int) -> None:
+        self._pod(i).kill()
+
+    def start_node(self, i: int, timeout: float = 240) -> None:
+        """A new pod on the same PVC directory; returns once the cluster is whole."""
+        self.twin.start_pod(i).wait_ready(timeout)
+        self.wait_clustered(timeout)
+
+    def stop_nodes(self, indices: list[int] | None = None, graceful: bool = True) -> None:
+        threads = [
+            threading.Thread(target=self.stop_node, args=(i, graceful))
+            for i in (indices if indices is not None else range(len(self.node_names)))
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    def start_nodes(self, indices: list[int] | None = None, timeout: float = 300) -> None:
+        chosen = indices if indices is not None else list(range(len(self.node_names)))
+        for i in chosen:
+            self.twin.start_pod(i)
+        for i in chosen:
+            self._pod(i).wait_ready(timeout)
+        self.wait_clustered(timeout)
+
+    def running_nodes(self, i: int = 0) -> list[str]:
+        return self.twin.running_nodes(i)
+
+    def wait_clustered(self, timeout: float = 120, nodes: list[int] | None = None) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if all(
+                    len(self.running_nodes(i)) == len(self.node_names)
+                    for i in (nodes if nodes is not None else range(len(self.node_names)))
+                ):
+                    return
+            except (twin.TwinError, pods.PodError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the pods did not form one cluster in {timeout:.0f} s")
+            time.sleep(1)
+
+    def rabbitmq_diagnostics(self, i: int, *args: str, timeout: float = 60) -> str:
+        done = self._pod(i).exec(["rabbitmq-diagnostics", *args], timeout=timeout)
+        if done.returncode != 0:
+            raise twin.TwinError(done.stdout + done.stderr)
+        return done.stdout
+
+    def connected_nodes(self, pid: int) -> list[int]:
+        """The RabbitMQ pods process ``pid`` (in a pod) has AMQP connections to."""
+        counts: Counter[int] = Counter()
+        for (ip, port), n in established_endpoints(pid).items():
+            ordinal = self.twin.ordinal_of_address(ip)
+            if port == AMQP_PORT and ordinal is not None:
+                counts[ordinal] += n
+        return [node for node, _ in counts.most_common()]
+
+    def pids(self) -> list[int]:
+        return sorted(p for pod in self.twin.pods.values() for p in pod.pids())
+
+    def live_pids(self) -> set[int]:
+        return {int(p) for p in self.twin.leftovers()["processes"]}
+
+    def logs(self, i: int, lines: int = 60) -> str:
+        return self._pod(i).tail(lines=lines)
+
+    def mounted_files(self) -> dict[str, str]:
+        """sha256 (first 16 hex) of each rendered file mounted into pod 0's container."""
+        spec = self._pod(0).spec
+        hashes = {}
+        for mount in spec.container.mounts:
+            if mount.source.is_file():
+                hashes[mount.target] = hashlib.sha256(mount.source.read_bytes()).hexdigest()[:16]
+        return hashes
+
+    def close(self) -> None:
+        self.twin.close()
+
+
+class _Exit:
+    """The ``proc`` of a pod, as a worker or scheduler process exposes it."""
+
+    def __init__(self, pod: pods.Pod) -> None:
+        self.pod = pod
+
+    @property
+    def pid(self) -> int:
+        return self.pod.pid or 0
+
+    @property
+    def returncode(self) -> int | None:
+        return self.pod.exit_code
+
+    def poll(self) -> int | None:
+        return None if self.pod.running() else self.pod.exit_code
+
+
+class PodWorker:
+    """One worker pod, as the loopback engine's worker process."""
+
+    def __init__(self, pod: pods.Pod) -> None:
+        self.pod = pod
+        self.name = pod.name
+        self.proc = _Exit(pod)
+        self._stopper: threading.Thread | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.pod.pid or 0
+
+    @property
+    def nodename_prefix(self) -> str:
+        return f"celery@{self.name}"  # the Deployment's --hostname=celery@%h
+
+    def alive(self) -> bool:
+        return self.pod.running()
+
+    def log(self, lines: int = 60) -> str:
+        return self.pod.tail(lines=lines)
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        self.pod.wait_ready(timeout)
+
+    def kill(self) -> None:
+        self.pod.kill()
+
+    def terminate(self) -> None:
+        """Delete the pod: SIGTERM (Celery's warm shutdown), SIGKILL after the grace."""
+        self._stopper = threading.Thread(target=self.pod.stop, daemon=True)
+        self._stopper.start()
+
+    def wait(self, timeout: float) -> int:
+        import subprocess
+
+        if self._stopper is not None:
+            self._stopper.join(timeout)
+            if self._stopper.is_alive():
+                raise subprocess.TimeoutExpired("pod stop", timeout)
+        return self.pod.exit_code if self.pod.exit_code is not None else -9
+
+
+class SchedulerPod:
+    def __init__(self, pod: pods.Pod, ids_file: Path) -> None:
+        self.pod = pod
+        self.proc = _Exit(pod)
+        self.ids_file = ids_file
+
+    def output(self) -> str:
+        return self.pod.tail(lines=200)
+
+    def published_ids(self) -> list[str]:
+        try:
+            return [line for line in self.ids_file.read_text().splitlines() if line]
+        except FileNotFoundError:
+            return []
+
+
+class PodWorkers:
+    """The worker Deployment's pods and the scheduler Job's pod, sharing one ledger."""
+
+    def __init__(self, cluster: twin.StatefulSetTwin, step_seconds: float) -> None:
+        self.twin = cluster
+        self.marker = cluster.run_id
+        self.shared = cluster.shared_dir("run")
+        self.ledger = self.shared / "ledger.jsonl"
+        self.env = {"TASK_LEDGER": str(self.ledger), "COUNT_STEP_SECONDS": repr(step_seconds)}
+        self.procs: list[PodWorker] = []
+
+    def start(self, name: str, rotation: int | None = None) -> PodWorker:
+        worker = PodWorker(self.twin.start_worker(name, self.env))
+        self.procs.append(worker)
+        return worker
+
+    def start_many(self, names: Sequence[str], timeout: float = 120) -> list[PodWorker]:
+        """The Deployment's replicas (the names the run asked for are the pods' own)."""
+        started = [self.start(name) for name in self.twin.worker_names()]
+        for worker in started:
+            worker.wait_ready(timeout)
+        return started
+
+    def scheduler(
+        self,
+        n_tasks: int,
+        ids_file: Path,
+        *,
+        step_seconds: float | None = None,
+        rotation: int | None = 0,
+        rate: float = 0.0,
+    ) -> SchedulerPod:
+        shared_ids = self.shared / "ids.txt"
+        pod = self.twin.run_scheduler(
+            self.env, ["--ids-file", str(shared_ids), "--rate", repr(rate), "--no-progress"]
+        )
+        return SchedulerPod(pod, shared_ids)
+
+    def leftover_pids(self) -> set[int]:
+        return {p for pod in self.twin.extra_pods.values() for p in pod.pids()}
+
+    def close(self) -> None:
+        for name in list(self.twin.extra_pods):
+            self.twin.extra_pods.pop(name).remove()
