@@ -5,7 +5,7 @@ The objects come from the program itself (``tools.mockrun.run_program``, what
 and the twin changes with it. :func:`stateful_set_pods` and
 :func:`deployment_pod` turn a manifest into :class:`~localcluster.pods.PodSpec`
 objects. What cannot exist here is adapted, each adaptation in ONE place and
-listed in :data:`ADAPTATIONS` (a run's report carries that list):
+listed in :data:`ADAPTATIONS` (a run's report carries that list).
 """
 
 from __future__ import annotations

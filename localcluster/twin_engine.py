@@ -10,6 +10,7 @@ concurrency, the scheduler Job's tasks), so the pods are the program's own.
 from __future__ import annotations
 
 import hashlib
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -208,8 +209,6 @@ class PodWorker:
         self._stopper.start()
 
     def wait(self, timeout: float) -> int:
-        import subprocess
-
         if self._stopper is not None:
             self._stopper.join(timeout)
             if self._stopper.is_alive():
