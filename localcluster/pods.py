@@ -106,6 +106,9 @@ class PodSpec:
     grace_seconds: float = 30.0
     # restartPolicy: Always (Deployments, StatefulSets) or Never (the scheduler Job).
     restart: bool = True
+    # root=None: paths of this machine the container must still see where they are
+    # even when a volume is mounted over a parent (the checkout under /tmp, say).
+    keep_visible: tuple[Path, ...] = ()
 
 
 def _q(text: str | os.PathLike[str]) -> str:
@@ -122,10 +125,16 @@ def container_script(spec: PodSpec, container: ContainerSpec, pod_dir: Path) -> 
     lines = ["set -eu", f"hostname {_q(spec.name)}", "mount --make-rprivate /"]
     if spec.root is None:
         top = Path("/")
+        kept = [(path, pod_dir / "keep" / str(i)) for i, path in enumerate(spec.keep_visible)]
+        for path, hold in kept:
+            lines += [f"mkdir -p {_q(hold)}", f"mount --bind {_q(path)} {_q(hold)}"]
         for m in container.mounts:
             lines.append(f"mount --bind {_q(m.source)} {_q(m.target)}")
             if m.read_only:
                 lines.append(f"mount -o remount,bind,ro {_q(m.target)}")
+        for path, hold in kept:
+            # Back where it was, in case a mount above covered a parent of it.
+            lines += [f"mkdir -p {_q(path)}", f"mount --bind {_q(hold)} {_q(path)}"]
         lines.append(f"cd {_q(top)}")
         prefix: list[str] = []
     else:

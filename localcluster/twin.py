@@ -412,6 +412,14 @@ def python_pod(
         readiness_probe=_probe(main.get("readinessProbe"), ports),
         grace_seconds=float(pod.get("terminationGracePeriodSeconds", 30)),
         restart=pod.get("restartPolicy", "Always") == "Always",
+        # The "image": this checkout, its virtualenv and interpreter, and the run's
+        # files, wherever they are (an emptyDir on /tmp must not hide a checkout there).
+        keep_visible=tuple(
+            dict.fromkeys(
+                Path(p).resolve()
+                for p in (ROOT, sys.prefix, sys.base_prefix, files.pod_dir.parent.parent)
+            )
+        ),
     )
 
 
