@@ -11,12 +11,15 @@ listed in :data:`ADAPTATIONS` (a run's report carries that list).
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
 import secrets
+import signal
 import string
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +33,9 @@ from tools.mockrun import reveal, run_program, stack_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_DOMAIN = "cluster.local"
+RUNS_DIR = Path("/var/tmp/localcluster")
+# "<pid> <start time>" of the process that owns a run (pid reuse cannot fool it).
+OWNER_FILE = "owner"
 # The official RabbitMQ image's ENV, with its /opt/rabbitmq/sbin as the Debian
 # root's /usr/lib/rabbitmq/bin (RabbitMQ's own scripts, not Debian's wrappers).
 RABBITMQ_IMAGE_ENV = {
@@ -454,8 +460,11 @@ class StatefulSetTwin:
         image = self.statefulset["spec"]["template"]["spec"]["containers"][0]["image"]
         self.version = image_version(image)
         self.root = root or _root_for(self.version)
-        self.base_dir = base_dir or Path("/var/tmp/localcluster") / self.run_id
+        if base_dir is None:
+            sweep_stale_runs()
+        self.base_dir = base_dir or RUNS_DIR / self.run_id
         self.base_dir.mkdir(parents=True, exist_ok=True)
+        (self.base_dir / OWNER_FILE).write_text(_owner_token(os.getpid()))
         self.network = podnet.PodNetwork(self.run_id)
         meta = self.statefulset["metadata"]
         self.namespace = meta["namespace"]
@@ -638,3 +647,48 @@ def _root_for(version: str) -> Path:
             f"{rootfs.root_commands()}"
         )
     return rootfs.root_path(spec)
+
+
+def _owner_token(pid: int) -> str:
+    """``pid`` and its start time (field 22 of /proc/<pid>/stat); "" when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return f"{pid} {stat[stat.rindex(')') + 2 :].split()[19]}"
+
+
+def _run_pids(run_id: str) -> list[int]:
+    base = pods.CGROUP_ROOT / "pids" / "localcluster" / run_id
+    return [int(p) for procs in base.glob("*/cgroup.procs") for p in procs.read_text().split()]
+
+
+def sweep_stale_runs(runs_dir: Path = RUNS_DIR) -> list[str]:
+    """Remove what runs whose owner died (SIGKILL, a CI time-out) left behind: their
+    processes (by cgroup), network namespaces, bridge, cgroups and directory.
+
+    A run cleans up after itself on every exit path it can see; this covers the one
+    it cannot (its own SIGKILL). Returns the run ids swept.
+    """
+    swept: list[str] = []
+    if not runs_dir.is_dir():
+        return swept
+    for run_dir in sorted(runs_dir.iterdir()):
+        try:
+            token = (run_dir / OWNER_FILE).read_text().strip()
+        except OSError:
+            continue  # not a run of ours, or one still being created
+        if token and _owner_token(int(token.split()[0])) == token:
+            continue  # its owner is alive
+        run_id = run_dir.name
+        deadline = time.monotonic() + 10
+        while (victims := _run_pids(run_id)) and time.monotonic() < deadline:
+            for victim in victims:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(victim, signal.SIGKILL)
+            time.sleep(0.1)
+        podnet.PodNetwork(run_id, subnet=podnet.POD_RANGE).close()
+        pods.remove_run_cgroups(run_id)
+        pods.remove_tree(run_dir)
+        swept.append(run_id)
+    return swept
