@@ -67,7 +67,9 @@ def _environ(pid: int) -> list[bytes] | None:
         return None
 
 
-def cli(out: Path, fault: str) -> list[str]:
+def cli(out: Path, fault: str, engine: str = "loopback", timeout: float = 120) -> list[str]:
+    """The command `make local` runs, at this file's size (the twin's runs are in
+    test_local_twin.py, with engine="twin")."""
     return [
         sys.executable,
         "-m",
@@ -81,18 +83,24 @@ def cli(out: Path, fault: str) -> list[str]:
         "--down-seconds",
         "1",
         "--timeout",
-        "120",
+        str(timeout),
         "--out",
         str(out),
-        # The twin engine's runs are in test_local_twin.py.
         "--engine",
-        "loopback",
+        engine,
     ]
 
 
-def run_local(out: Path, fault: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+def run_local(
+    out: Path, fault: str, engine: str = "loopback", timeout: float = 120
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
     proc = subprocess.run(
-        cli(out, fault), cwd=REPO_ROOT, capture_output=True, text=True, timeout=240, check=False
+        cli(out, fault, engine, timeout),
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=2 * timeout + 60,
+        check=False,
     )
     report_file = out / "report.json"
     assert report_file.exists(), f"no report (exit {proc.returncode}):\n{proc.stderr[-4000:]}"

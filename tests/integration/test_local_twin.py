@@ -9,58 +9,18 @@ no network namespace, cgroup, mount, file or process of its run id.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from localcluster import podnet, pods
-from localcluster.workers import REPO_ROOT
+from tests.integration.test_local_run import TASKS, run_local
 
-TASKS = 120
-STEP_SECONDS = 0.2  # a task runs 2 s
-# Measured on the twin (2 cores): broker-kill 4.4 s at make local's default size
-# after the workers stopped running mingle (it held a reconnected consumer ~22 s).
+# Measured on the twin (2 cores), after the workers stopped running mingle (it held
+# a reconnected consumer ~22 s): broker-kill 2.1 s, worker-kill 1.9 s at this size.
 # Bound: one task (2 s) plus 6 s for the failover on pods (reconnect, quorum-queue
 # leader election, redelivery), with the node's replacement booting beside it.
 GAP_BOUND_S = 8.0
-
-
-def run_twin(out: Path, fault: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "localcluster",
-            "--fault",
-            fault,
-            "--tasks",
-            str(TASKS),
-            "--task-seconds",
-            str(STEP_SECONDS),
-            "--workers",
-            "3",
-            "--concurrency",
-            "10",
-            "--down-seconds",
-            "1",
-            "--timeout",
-            "180",
-            "--out",
-            str(out),
-        ],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=420,
-        check=False,
-    )
-    report_file = out / "report.json"
-    assert report_file.exists(), f"no report (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
-    return proc, json.loads(report_file.read_text())
 
 
 def nothing_left(run_id: str) -> None:
@@ -75,7 +35,7 @@ def nothing_left(run_id: str) -> None:
 @pytest.mark.parametrize("fault", ["broker-kill", "worker-kill", "cluster-restart"])
 def test_make_local_on_the_twin_loses_nothing(fault: str, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    proc, report = run_twin(out, fault)
+    proc, report = run_local(out, fault, engine="twin", timeout=180)
     detail = report["fault_detail"]
     print(
         f"\nTWIN-LOCAL-RUN {fault} submitted={report['submitted']} lost={report['lost']} "
