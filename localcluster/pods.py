@@ -54,6 +54,11 @@ RESTART_BACKOFF_MAX = 300.0
 CONTAINER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
+def run_cgroup(controller: str, run_id: str) -> Path:
+    """The cgroup folder of one run under one controller (its pods are below it)."""
+    return CGROUP_ROOT / controller / "localcluster" / run_id
+
+
 class PodError(RuntimeError):
     pass
 
@@ -223,7 +228,7 @@ class Pod:
         return podnet.netns_name(self.network.run_id, self.name)
 
     def cgroup(self, controller: str) -> Path:
-        return CGROUP_ROOT / controller / "localcluster" / self.network.run_id / self.name
+        return run_cgroup(controller, self.network.run_id) / self.name
 
     def log_file(self, container: str | None = None) -> Path:
         return self.pod_dir / f"{container or self.spec.container.name}.log"
@@ -601,7 +606,7 @@ def remove_run_cgroups(run_id: str) -> list[Path]:
     """Delete this run's (empty) cgroup folders; returns those that could not be removed."""
     left = []
     for controller in CONTROLLERS:
-        base = CGROUP_ROOT / controller / "localcluster" / run_id
+        base = run_cgroup(controller, run_id)
         if not base.exists():
             continue
         for child in sorted(base.iterdir(), reverse=True):

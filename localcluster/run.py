@@ -339,10 +339,10 @@ class LocalRun:
 
     def _keep_twin_files(self) -> None:
         """The ledger and ids live in the twin's directory, which close() removes."""
-        for name, target in (("ledger.jsonl", "ledger.jsonl"), ("ids.txt", "ids.txt")):
+        for name in ("ledger.jsonl", "ids.txt"):
             source = self.workers.shared / name
             if source.exists():
-                shutil.copyfile(source, self.logs / target)
+                shutil.copyfile(source, self.logs / name)
         self.ledger_path = self.logs / "ledger.jsonl"
         self.ids_file = self.logs / "ids.txt"
         for name, pod in {**self.cluster.twin.pods, **self.cluster.twin.extra_pods}.items():

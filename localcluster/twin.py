@@ -521,8 +521,8 @@ class StatefulSetTwin:
         result = urls.split(",")
         if by_address:
             for i, name in enumerate(self.pod_names):
-                for dns in pod_dns_names(name, self.service, self.namespace)[:1]:
-                    result = [u.replace(f"@{dns}:", f"@{self.address(i)}:") for u in result]
+                fqdn = pod_dns_names(name, self.service, self.namespace)[0]
+                result = [u.replace(f"@{fqdn}:", f"@{self.address(i)}:") for u in result]
         return result
 
     # --- Celery pods -----------------------------------------------------------
@@ -599,9 +599,7 @@ class StatefulSetTwin:
             str(p) for pod in [*self.pods.values(), *self.extra_pods.values()] for p in pod.pids()
         ]
         cgroups = [
-            str(d)
-            for c in pods.CONTROLLERS
-            if (d := pods.CGROUP_ROOT / c / "localcluster" / self.run_id).exists()
+            str(d) for c in pods.CONTROLLERS if (d := pods.run_cgroup(c, self.run_id)).exists()
         ]
         with open("/proc/mounts") as f:
             mounts = [line.split()[1] for line in f if str(self.base_dir) in line.split()[1]]
@@ -659,7 +657,7 @@ def _owner_token(pid: int) -> str:
 
 
 def _run_pids(run_id: str) -> list[int]:
-    base = pods.CGROUP_ROOT / "pids" / "localcluster" / run_id
+    base = pods.run_cgroup("pids", run_id)
     return [int(p) for procs in base.glob("*/cgroup.procs") for p in procs.read_text().split()]
 
 

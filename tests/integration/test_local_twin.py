@@ -26,7 +26,7 @@ GAP_BOUND_S = 8.0
 def nothing_left(run_id: str) -> None:
     assert not [n for n in podnet.NETNS_DIR.glob(f"lc{run_id}-*")]
     for controller in pods.CONTROLLERS:
-        assert not (pods.CGROUP_ROOT / controller / "localcluster" / run_id).exists()
+        assert not pods.run_cgroup(controller, run_id).exists()
     with open("/proc/mounts") as mounts:
         assert not [line for line in mounts if run_id in line]
     assert not Path(f"/var/tmp/localcluster/{run_id}").exists()

@@ -17,11 +17,9 @@ def _fake_run(runs_dir: Path, run_id: str, owner_pid: int) -> tuple[subprocess.P
     network = podnet.PodNetwork(run_id)
     network.attach("pod-0")
     for controller in pods.CONTROLLERS:
-        (pods.CGROUP_ROOT / controller / "localcluster" / run_id / "pod-0").mkdir(parents=True)
+        (pods.run_cgroup(controller, run_id) / "pod-0").mkdir(parents=True)
     member = subprocess.Popen(["sleep", "300"])
-    (pods.CGROUP_ROOT / "pids" / "localcluster" / run_id / "pod-0" / "cgroup.procs").write_text(
-        str(member.pid)
-    )
+    (pods.run_cgroup("pids", run_id) / "pod-0" / "cgroup.procs").write_text(str(member.pid))
     return member, run_dir
 
 
@@ -37,7 +35,7 @@ def test_a_dead_owners_run_is_swept_and_a_live_ones_is_kept(tmp_path: Path) -> N
         assert not dead_dir.exists()
         assert not list(podnet.NETNS_DIR.glob("lcdead01-*"))
         assert subprocess.run(["ip", "link", "show", "lcdead01br"], capture_output=True).returncode
-        assert not (pods.CGROUP_ROOT / "memory" / "localcluster" / "dead01").exists()
+        assert not pods.run_cgroup("memory", "dead01").exists()
         # The live run is untouched.
         assert live_member.poll() is None and live_dir.exists()
         assert list(podnet.NETNS_DIR.glob("lclive01-*"))
