@@ -20,17 +20,23 @@ import os
 import platform
 import socket
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app import ledger
+
+if TYPE_CHECKING:
+    from localcluster.faults import FaultRecord
 
 __all__ = [
     "Event",
     "LedgerTail",
+    "RunFacts",
+    "Timeline",
+    "build_report",
     "completions_per_second",
     "longest_gap",
     "machine_info",
@@ -180,6 +186,149 @@ def completions_per_second(times: Iterable[float], begin: float, end: float) -> 
     return bins
 
 
+@dataclass(frozen=True)
+class RunFacts:
+    """Everything one run measured, as :func:`build_report` takes it: no files, no clock."""
+
+    status: str  # ok, interrupted or error
+    problems: Sequence[str]
+    params: Mapping[str, Any]  # the run's options (--tasks, --workers ...)
+    ids: Sequence[str]  # what the scheduler had confirmed
+    ledger_lines: Sequence[str]  # the workers' ledger, every line
+    fault: FaultRecord
+    marks: Mapping[str, float]  # the run's own steps: begin, cluster_ready, publish ...
+    scheduler_exit: int | None
+    timed_out: bool
+    machine: Mapping[str, Any]
+    date: str
+    twin: Mapping[str, Any]  # stack, RabbitMQ version, run id, mounted files, adaptations
+    leftovers: Mapping[str, Sequence[str]]  # what close() found still there
+    logs: str
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """What :func:`plot_timeline` draws."""
+
+    first_finishes: Sequence[float]
+    all_finishes: Sequence[float]
+    begin: float
+    end: float
+    marks: Mapping[str, float]
+    gap: tuple[float, float | None]
+    title: str
+    gap_label: str
+
+
+def _finishes_by_worker(events: Iterable[Event]) -> dict[str, list[float]]:
+    """Finish times by worker nodename (``celery@<pod>``: the pods share the prefix)."""
+    by_worker: dict[str, list[float]] = {}
+    for e in events:
+        if e.event == ledger.FINISH:
+            by_worker.setdefault(e.worker, []).append(e.ts)
+    return by_worker
+
+
+def _between(marks: Mapping[str, float], a: str, b: str) -> float | None:
+    return round(marks[b] - marks[a], 2) if a in marks and b in marks else None
+
+
+def build_report(facts: RunFacts) -> tuple[dict[str, Any], Timeline]:
+    """The report (``report.json``) and the timeline of one run, from what it measured."""
+    params = facts.params
+    record = facts.fault
+    ids = list(facts.ids)
+    summary = ledger.summarize(facts.ledger_lines)
+    counts = summary.report(ids)
+    events = [e for e in map(_parse, facts.ledger_lines) if e is not None]
+    all_finishes = sorted(e.ts for e in events if e.event == ledger.FINISH)
+    first_finishes = sorted(summary.first_finish[t] for t in set(ids) & summary.completed)
+    marks = {**facts.marks, **record.marks()}
+    begin = marks.get("publish", marks.get("begin", 0.0))
+    end = all_finishes[-1] if all_finishes else marks.get("end", begin)
+    whole_run_gap = longest_gap(all_finishes)
+    fault_at = record.injected
+    # From the fault on (the fault instant counts as a start: a pause right after it
+    # is the failover's); the whole run without a fault.
+    gap = (
+        whole_run_gap
+        if fault_at is None
+        else longest_gap([fault_at, *(t for t in all_finishes if t >= fault_at)])
+    )
+    detail: dict[str, Any] = {"kind": record.kind}
+    for key in ("target", "found_by", "at_completed"):
+        if (value := getattr(record, key)) is not None:
+            detail[key] = value
+    detail.update(record.detail)
+    if record.rejoin_s is not None:
+        detail["rejoin_s"] = record.rejoin_s
+    if record.in_flight_ids is not None:
+        in_flight = record.in_flight_ids
+        detail["in_flight"] = len(in_flight)
+        detail["in_flight_redelivered"] = sum(summary.starts[t] >= 2 for t in in_flight)
+        detail["in_flight_completed"] = sum(t in summary.completed for t in in_flight)
+    if facts.timed_out:
+        detail["timed_out"] = True
+    rejoin = record.back
+    gap_label = "longest gap" if fault_at is None else "failover gap"
+    report: dict[str, Any] = {
+        "status": facts.status,
+        "fault": record.kind,
+        "submitted": len(ids),
+        "completed_unique": counts["completed"],
+        "lost": counts["lost"],
+        "lost_ids": sorted(summary.lost(ids))[:20],
+        "duplicates": counts["duplicate_ids"],
+        "extra_executions": counts["extra_executions"],
+        "unexpected_ids": counts["unexpected_ids"],
+        "malformed_ledger_lines": counts["malformed_lines"],
+        "failover_gap_s": round(gap[0], 3),
+        "failover_gap_start_s": None if gap[1] is None else round(gap[1] - begin, 2),
+        "longest_gap_whole_run_s": round(whole_run_gap[0], 3),
+        "longest_gap_by_worker_s": {
+            worker: round(longest_gap(times)[0], 3)
+            for worker, times in sorted(_finishes_by_worker(events).items())
+        },
+        "rejoin_s": record.rejoin_s,
+        "down_s": None if fault_at is None or rejoin is None else round(rejoin - fault_at, 2),
+        "throughput_per_s": {
+            k: None if v is None else round(v, 2)
+            for k, v in phase_throughput(first_finishes, begin, fault_at, rejoin, end).items()
+        },
+        "duration_s": round(end - begin, 2),
+        "fault_detail": detail,
+        "marks_s": {k: round(v - begin, 2) for k, v in sorted(marks.items(), key=lambda kv: kv[1])},
+        "params": dict(params),
+        "timings_s": {
+            "cluster_boot": _between(marks, "begin", "cluster_ready"),
+            "workers_ready": _between(marks, "cluster_ready", "workers_ready"),
+            "publish": _between(marks, "publish", "published"),
+        },
+        "scheduler_exit": facts.scheduler_exit,
+        "machine": dict(facts.machine),
+        "date": facts.date,
+        "leftovers": {k: list(v) for k, v in facts.leftovers.items()},
+        "problems": list(facts.problems),
+        "logs": facts.logs,
+        "twin": dict(facts.twin),
+    }
+    title = (
+        f"{record.kind}: {counts['completed']}/{len(ids)} completed, lost {counts['lost']}, "
+        f"{counts['duplicate_ids']} duplicates, {gap_label} {gap[0]:.2f} s"
+    )
+    timeline = Timeline(
+        first_finishes=first_finishes,
+        all_finishes=all_finishes,
+        begin=begin,
+        end=max(end, rejoin or end) + 1,
+        marks=record.marks(),
+        gap=gap,
+        title=title,
+        gap_label=gap_label,
+    )
+    return report, timeline
+
+
 def _version(dist: str) -> str | None:
     try:
         return metadata.version(dist)
@@ -226,27 +375,17 @@ def utc_now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
-def plot_timeline(
-    path: str | os.PathLike[str],
-    *,
-    first_finishes: Sequence[float],
-    all_finishes: Sequence[float],
-    begin: float,
-    end: float,
-    marks: dict[str, float],
-    gap: tuple[float, float | None],
-    title: str,
-    gap_label: str = "failover gap",
-) -> None:
+def plot_timeline(path: str | os.PathLike[str], timeline: Timeline) -> None:
     """Completions per second (unique, and re-executions on top), the fault,
-    the restart and the rejoin marked, ``gap`` (seconds, start) hatched."""
+    the restart and the rejoin marked, the gap (seconds, start) hatched."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    unique = completions_per_second(first_finishes, begin, end)
-    every = completions_per_second(all_finishes, begin, end)
+    begin, end, marks, title = timeline.begin, timeline.end, timeline.marks, timeline.title
+    unique = completions_per_second(timeline.first_finishes, begin, end)
+    every = completions_per_second(timeline.all_finishes, begin, end)
     again = [e - u for e, u in zip(every, unique, strict=True)]
     xs = list(range(len(unique)))
     fig, ax = plt.subplots(figsize=(13, 4.5), dpi=100)
@@ -272,7 +411,7 @@ def plot_timeline(
                 ax.axvline(marks[key] - begin, color=color, linestyle=style, lw=2, label=label)
         if "fault" in marks and "rejoin" in marks:
             ax.axvspan(marks["fault"] - begin, marks["rejoin"] - begin, color="red", alpha=0.07)
-        seconds, start = gap
+        seconds, start = timeline.gap
         if start is not None and seconds > 0:
             ax.axvspan(
                 start - begin,
@@ -281,7 +420,7 @@ def plot_timeline(
                 edgecolor="black",
                 hatch="//",
                 lw=0,
-                label=f"{gap_label} {seconds:.2f} s",
+                label=f"{timeline.gap_label} {seconds:.2f} s",
             )
         ax.set_xlim(0, len(unique))
         ax.set_xlabel("seconds since publishing started")

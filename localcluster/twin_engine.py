@@ -1,10 +1,10 @@
-"""The pod twin behind ``python -m localcluster``: RabbitMQ and Celery as pods.
+"""The pods of one ``python -m localcluster`` run, as its faults and its report use them.
 
-:class:`TwinNodes` and :class:`PodWorkers` give :class:`localcluster.run.LocalRun`
-the same operations the loopback engine's ``LocalRabbitCluster`` and ``Workers``
-give it, on a :class:`~localcluster.twin.StatefulSetTwin` of the prod stack: the
-run's options become the stack config the program renders (worker replicas and
-concurrency, the scheduler Job's tasks), so the pods are the program's own.
+:class:`RabbitPods` (the RabbitMQ StatefulSet's pods) and :class:`PodWorkers` (the
+worker Deployment's pods and the scheduler Job's pod) are views of one
+:class:`~localcluster.twin.StatefulSetTwin` of the prod stack: the run's options
+become the stack config the program renders (worker replicas and concurrency, the
+scheduler Job's tasks), so the pods are the program's own.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,14 +40,13 @@ def overrides(
     }
 
 
-class TwinNodes:
-    """The RabbitMQ pods, with the loopback cluster's operations."""
+class RabbitPods:
+    """The RabbitMQ StatefulSet's pods: start, stop, kill, replace, ask who is clustered."""
 
     def __init__(self, cluster: twin.StatefulSetTwin) -> None:
         self.twin = cluster
-        self.cluster_id = cluster.run_id
+        self.run_id = cluster.run_id
         self.node_names = list(cluster.pod_names)
-        self.amqp_ports = [AMQP_PORT] * len(self.node_names)
         self.timings: dict[str, float] = {}
         self.version = rootfs.for_version(cluster.version).upstream_version
 
@@ -61,8 +59,11 @@ class TwinNodes:
         self.wait_clustered(timeout)
         self.timings["clustered"] = time.monotonic() - begin
 
-    def broker_urls(self) -> list[str]:
-        return self.twin.broker_urls()
+    def address(self, i: int) -> str:
+        return self.twin.address(i)
+
+    def network_namespace(self, i: int) -> str:
+        return self._pod(i).netns
 
     def is_running(self, i: int) -> bool:
         name = self.node_names[i]
@@ -74,9 +75,6 @@ class TwinNodes:
             pod.stop()
         else:
             pod.kill()
-
-    def kill_node(self, i: int) -> None:
-        self._pod(i).kill()
 
     def start_node(self, i: int, timeout: float = 240) -> None:
         """A new pod on the same PVC directory; returns once the cluster is whole."""
@@ -119,12 +117,6 @@ class TwinNodes:
                 raise TimeoutError(f"the pods did not form one cluster in {timeout:.0f} s")
             time.sleep(1)
 
-    def rabbitmq_diagnostics(self, i: int, *args: str, timeout: float = 60) -> str:
-        done = self._pod(i).exec(["rabbitmq-diagnostics", *args], timeout=timeout)
-        if done.returncode != 0:
-            raise twin.TwinError(done.stdout + done.stderr)
-        return done.stdout
-
     def connected_nodes(self, pid: int) -> list[int]:
         """The RabbitMQ pods process ``pid`` (in a pod) has AMQP connections to."""
         counts: Counter[int] = Counter()
@@ -136,12 +128,6 @@ class TwinNodes:
 
     def pids(self) -> list[int]:
         return sorted(p for pod in self.twin.pods.values() for p in pod.pids())
-
-    def live_pids(self) -> set[int]:
-        return {int(p) for p in self.twin.leftovers()["processes"]}
-
-    def logs(self, i: int, lines: int = 60) -> str:
-        return self._pod(i).tail(lines=lines)
 
     def mounted_files(self) -> dict[str, str]:
         """sha256 (first 16 hex) of each rendered file mounted into pod 0's container."""
@@ -157,7 +143,7 @@ class TwinNodes:
 
 
 class _Exit:
-    """The ``proc`` of a pod, as a worker or scheduler process exposes it."""
+    """A pod's exit, as ``subprocess.Popen`` reports a process's."""
 
     def __init__(self, pod: pods.Pod) -> None:
         self.pod = pod
@@ -175,7 +161,7 @@ class _Exit:
 
 
 class PodWorker:
-    """One worker pod, as the loopback engine's worker process."""
+    """One pod of the worker Deployment."""
 
     def __init__(self, pod: pods.Pod) -> None:
         self.pod = pod
@@ -243,27 +229,20 @@ class PodWorkers:
         self.env = {"TASK_LEDGER": str(self.ledger), "COUNT_STEP_SECONDS": repr(step_seconds)}
         self.procs: list[PodWorker] = []
 
-    def start(self, name: str, rotation: int | None = None) -> PodWorker:
+    def start(self, name: str) -> PodWorker:
         worker = PodWorker(self.twin.start_worker(name, self.env))
         self.procs.append(worker)
         return worker
 
-    def start_many(self, names: Sequence[str], timeout: float = 120) -> list[PodWorker]:
-        """The Deployment's replicas (the names the run asked for are the pods' own)."""
+    def start_replicas(self, timeout: float = 120) -> list[PodWorker]:
+        """The Deployment's replicas, Ready."""
         started = [self.start(name) for name in self.twin.worker_names()]
         for worker in started:
             worker.wait_ready(timeout)
         return started
 
-    def scheduler(
-        self,
-        n_tasks: int,
-        ids_file: Path,
-        *,
-        step_seconds: float | None = None,
-        rotation: int | None = 0,
-        rate: float = 0.0,
-    ) -> SchedulerPod:
+    def scheduler(self, rate: float = 0.0) -> SchedulerPod:
+        """The scheduler Job's pod, writing the ids RabbitMQ confirmed to the shared dir."""
         shared_ids = self.shared / "ids.txt"
         pod = self.twin.run_scheduler(
             self.env, ["--ids-file", str(shared_ids), "--rate", repr(rate), "--no-progress"]

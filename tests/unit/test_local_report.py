@@ -11,8 +11,12 @@ from pathlib import Path
 import pytest
 
 from app.ledger import FINISH, START, append_record
+from localcluster.faults import FAULTS, FaultRecord
 from localcluster.report import (
     LedgerTail,
+    RunFacts,
+    Timeline,
+    build_report,
     completions_per_second,
     longest_gap,
     phase_throughput,
@@ -82,13 +86,16 @@ def test_plot_timeline_writes_a_png(tmp_path: Path) -> None:
     out = tmp_path / "t.png"
     plot_timeline(
         out,
-        first_finishes=[0.5, 1.5, 4.5],
-        all_finishes=[0.5, 1.5, 1.6, 4.5],
-        begin=0.0,
-        end=6.0,
-        marks={"fault": 1.0, "restart": 2.0, "rejoin": 3.0},
-        gap=(3.0, 1.5),
-        title="test",
+        Timeline(
+            first_finishes=[0.5, 1.5, 4.5],
+            all_finishes=[0.5, 1.5, 1.6, 4.5],
+            begin=0.0,
+            end=6.0,
+            marks={"fault": 1.0, "restart": 2.0, "rejoin": 3.0},
+            gap=(3.0, 1.5),
+            title="test",
+            gap_label="failover gap",
+        ),
     )
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -99,6 +106,7 @@ def test_parse_args_defaults_and_validation(capsys: pytest.CaptureFixture[str]) 
     assert args.fault_at == DEFAULT_FAULT_AT
     assert args.out == "out/local"
     assert parse_args(["--fault-at", "0.5", "--fault", "none"]).fault_at == 0.5
+    assert {parse_args(["--fault", name]).fault for name in FAULTS} == set(FAULTS)
     for bad in (["--fault", "meteor"], ["--tasks", "0"], ["--fault-at", "1"]):
         with pytest.raises(SystemExit):
             parse_args(bad)
@@ -120,3 +128,95 @@ def test_report_is_json_serialisable_types() -> None:
     phases = phase_throughput([1.0], 0.0, 0.5, 0.75, 1.0)
     json.dumps(phases)
     assert all(v is None or math.isfinite(v) for v in phases.values())
+
+
+def line(event: str, task_id: str, worker: str, ts: float) -> str:
+    return json.dumps({"event": event, "task_id": task_id, "worker": worker, "ts": ts})
+
+
+def facts(record: FaultRecord, lines: list[str], **changes: object) -> RunFacts:
+    base = RunFacts(
+        status="ok",
+        problems=[],
+        params={"tasks": 3},
+        ids=["a", "b", "c"],
+        ledger_lines=lines,
+        fault=record,
+        marks={"begin": 90.0, "cluster_ready": 95.0, "publish": 100.0, "published": 101.0},
+        scheduler_exit=0,
+        timed_out=False,
+        machine={"cpus": 2},
+        date="2026-12-01T00:00:00+00:00",
+        twin={"stack": "prod"},
+        leftovers={},
+        logs="out/local/logs",
+    )
+    return RunFacts(**{**base.__dict__, **changes})  # type: ignore[arg-type]
+
+
+def test_the_report_of_a_broker_kill_counts_losses_duplicates_gaps_and_the_fault() -> None:
+    # a ran on w0 and finished; b started on w0 (in flight at the fault), was redelivered
+    # to w1 and finished there, then w0's copy finished too; c was never run: lost.
+    lines = [
+        line(START, "a", "celery@w0", 101.0),
+        line(FINISH, "a", "celery@w0", 102.0),
+        line(START, "b", "celery@w0", 103.0),
+        line(START, "b", "celery@w1", 107.0),
+        line(FINISH, "b", "celery@w1", 108.0),
+        line(FINISH, "b", "celery@w0", 108.5),
+        "not json",
+    ]
+    record = FaultRecord(
+        "broker-kill",
+        target="rabbitmq-server-1",
+        found_by="its AMQP connection",
+        at_completed=1,
+        injected=104.0,
+        restarted=105.0,
+        back=110.0,
+        in_flight_ids=["b"],
+        detail={"node": 1, "stop_s": 0.1},
+    )
+    report, timeline = build_report(facts(record, lines))
+    assert report["submitted"] == 3 and report["completed_unique"] == 2
+    assert report["lost"] == 1 and report["lost_ids"] == ["c"]
+    assert report["duplicates"] == 1 and report["extra_executions"] == 1
+    assert report["malformed_ledger_lines"] == 1
+    # From the fault (104) to the next completion (108): the failover's gap.
+    assert report["failover_gap_s"] == 4.0
+    assert report["failover_gap_start_s"] == 4.0  # seconds after publishing began
+    assert report["longest_gap_whole_run_s"] == 6.0
+    # Per worker pod (they all are celery@<pod>): w0 finished at 102 and 108.5.
+    assert report["longest_gap_by_worker_s"] == {"celery@w0": 6.5, "celery@w1": 0.0}
+    assert report["rejoin_s"] == 5.0 and report["down_s"] == 6.0
+    assert report["duration_s"] == 8.5
+    assert report["fault_detail"] == {
+        "kind": "broker-kill",
+        "target": "rabbitmq-server-1",
+        "found_by": "its AMQP connection",
+        "at_completed": 1,
+        "node": 1,
+        "stop_s": 0.1,
+        "rejoin_s": 5.0,
+        "in_flight": 1,
+        "in_flight_redelivered": 1,
+        "in_flight_completed": 1,
+    }
+    assert report["marks_s"]["fault"] == 4.0 and report["marks_s"]["rejoin"] == 10.0
+    assert report["timings_s"] == {"cluster_boot": 5.0, "workers_ready": None, "publish": 1.0}
+    json.dumps(report)
+    assert timeline.gap == (4.0, 104.0) and timeline.gap_label == "failover gap"
+    assert timeline.marks == {"fault": 104.0, "restart": 105.0, "rejoin": 110.0}
+    assert timeline.first_finishes == [102.0, 108.0]
+    assert "lost 1" in timeline.title
+
+
+def test_the_report_of_a_run_without_a_fault_or_that_timed_out() -> None:
+    lines = [line(FINISH, t, "celery@w0", 100.0 + i) for i, t in enumerate("abc")]
+    report, timeline = build_report(facts(FaultRecord("none"), lines))
+    assert report["lost"] == 0 and report["down_s"] is None and report["rejoin_s"] is None
+    assert report["fault_detail"] == {"kind": "none"}
+    assert report["failover_gap_s"] == report["longest_gap_whole_run_s"] == 1.0
+    assert timeline.gap_label == "longest gap" and timeline.marks == {}
+    timed_out, _ = build_report(facts(FaultRecord("none"), lines[:1], timed_out=True))
+    assert timed_out["fault_detail"]["timed_out"] is True and timed_out["lost"] == 2

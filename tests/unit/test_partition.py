@@ -1,76 +1,112 @@
-"""localcluster/partition.py: the nftables rules that cut one node off, and their cleanup."""
+"""localcluster/partition.py: the rules that cut a pod off from its peers, on real
+network namespaces (two pods on a bridge of their own; no RabbitMQ, ~1 s). Needs root,
+as ``make test`` is run."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import uuid
-from dataclasses import dataclass, field
-from typing import Any, cast
+import secrets
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
 
 import pytest
 
-from localcluster import partition
-from localcluster.partition import TABLE_PREFIX, LoopbackPartition, our_tables
+from localcluster import podnet
+from localcluster.partition import TABLE, PodPartition, rules, tables
+
+PORT = 7777
+SERVE = (
+    "import socket, sys\n"
+    f"s = socket.create_server(('0.0.0.0', {PORT}))\n"
+    "print('ready', flush=True)\n"
+    "while True:\n"
+    "    c, _ = s.accept(); c.close()\n"
+)
+CONNECT = (
+    "import socket, sys\n"
+    "try:\n"
+    "    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3).close()\n"
+    "except OSError as e:\n"
+    "    print(type(e).__name__); sys.exit(1)\n"
+)
 
 
-@dataclass
-class FakeCluster:
-    """What LoopbackPartition reads from a LocalRabbitCluster."""
+def test_the_rules_cut_tcp_to_and_from_the_peers_only() -> None:
+    script = rules(["10.244.7.3", "10.244.7.4"])
+    assert f"table inet {TABLE}" in script
+    cut = [line.strip() for line in script.splitlines() if "reject" in line]
+    # Both ways, TCP only, and never the resets themselves (they carry the news).
+    assert cut == [
+        "meta l4proto tcp tcp flags & rst == 0 ip saddr { 10.244.7.3, 10.244.7.4 } "
+        "counter reject with tcp reset",
+        "meta l4proto tcp tcp flags & rst == 0 ip daddr { 10.244.7.3, 10.244.7.4 } "
+        "counter reject with tcp reset",
+    ]
+    with pytest.raises(ValueError, match="at least one peer"):
+        rules([])
+    with pytest.raises(ValueError, match="'rabbitmq-server-1' is not an IPv4 address"):
+        rules(["rabbitmq-server-1"])
 
-    cluster_id: str = field(default_factory=lambda: f"test{uuid.uuid4().hex[:8]}")
-    size: int = 3
-    dist_source_addresses: list[str] = field(
-        default_factory=lambda: ["127.9.8.10", "127.9.8.11", "127.9.8.12"]
+
+@pytest.fixture
+def two_pods() -> Iterator[tuple[podnet.PodNetwork, str, str]]:
+    network = podnet.PodNetwork(f"t{secrets.token_hex(2)}")
+    try:
+        network.attach("a")
+        network.attach("b")
+        yield (
+            network,
+            podnet.netns_name(network.run_id, "a"),
+            podnet.netns_name(network.run_id, "b"),
+        )
+    finally:
+        network.close()
+    assert network.namespaces() == []
+
+
+def _connects(netns: str, address: str, port: int = PORT) -> bool:
+    done = subprocess.run(
+        ["ip", "netns", "exec", netns, sys.executable, "-c", CONNECT, address, str(port)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
-    dist_ports: list[int] = field(default_factory=lambda: [40001, 40002, 40003])
+    return done.returncode == 0
 
 
-def make(cluster: FakeCluster, isolated: int = 0) -> LoopbackPartition:
-    return LoopbackPartition(cast(Any, cluster), isolated)
+def test_a_cut_pod_reaches_its_peers_no_more_but_everyone_else_still(
+    two_pods: tuple[podnet.PodNetwork, str, str],
+) -> None:
+    network, ns_a, ns_b = two_pods
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", ns_b, sys.executable, "-c", SERVE],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    host = socket.create_server((network.gateway, 0))  # "a client": the host, by the bridge
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        b = network.address_of("b")
+        assert _connects(ns_a, b)
+        partition = PodPartition(ns_a, [b])
+        with partition:
+            partition.cut()
+            assert f"inet {TABLE}" in tables(ns_a)
+            assert not _connects(ns_a, b)  # a -> b reset at once
+            assert _connects(ns_a, network.gateway, host.getsockname()[1])  # clients pass
+        assert tables(ns_a) == []
+        assert _connects(ns_a, b)
+        partition.heal()  # idempotent
+    finally:
+        host.close()
+        server.kill()
+        server.wait()
 
 
-def test_rules_cut_only_the_isolated_nodes_cluster_links_on_loopback() -> None:
-    rules = make(FakeCluster(), isolated=1).rules()
-    lines = [ln.strip() for ln in rules.splitlines() if "reject" in ln]
-    assert len(lines) == 4
-    for line in lines:
-        # Loopback only, never the resets themselves (they answer rejected packets).
-        assert line.startswith('oifname "lo" meta l4proto tcp tcp flags & rst == 0')
-    assert "ip saddr 127.9.8.11 tcp dport { 40001, 40003 }" in rules
-    assert "ip daddr 127.9.8.11 tcp sport { 40001, 40003 }" in rules
-    assert "ip saddr { 127.9.8.10, 127.9.8.12 } tcp dport 40002" in rules
-    assert "ip daddr { 127.9.8.10, 127.9.8.12 } tcp sport 40002" in rules
-
-
-def test_needs_the_clusters_own_source_addresses() -> None:
-    with pytest.raises(ValueError, match="own_dist_source_addresses"):
-        make(FakeCluster(dist_source_addresses=[]))
-
-
-def test_not_root_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(partition.os, "geteuid", lambda: 1000)
-    with pytest.raises(partition.PartitionUnavailableError, match="needs root"):
-        make(FakeCluster()).cut()
-
-
-def test_cut_and_heal_leave_no_table() -> None:
-    if os.geteuid() != 0:
-        reason = "adding nftables rules needs root"
-        print(f"\nSKIP: {reason}")
-        pytest.skip(reason)
-    # As root, make setup installs nftables: a missing nft is a failure, not a skip.
-    assert shutil.which("nft"), "nft missing: run `make setup` (apt-get install nftables)"
-    cluster = FakeCluster()  # ports nobody listens on: the rules touch nothing
-    table = f"{TABLE_PREFIX}{cluster.cluster_id}"
-    with make(cluster) as cut:
-        cut.cut()
-        assert table in our_tables()
-    assert table not in our_tables()
-    cut.heal()  # idempotent
-
-    # A script nft refuses (a bad address): raised, and nothing left behind.
-    broken = make(FakeCluster(dist_source_addresses=["127.9.8.10", "nope", "127.9.8.12"]))
-    with pytest.raises(RuntimeError, match="nft"):
-        broken.cut()
-    assert f"{TABLE_PREFIX}{broken.cluster.cluster_id}" not in our_tables()
+def test_a_cut_that_fails_raises_and_leaves_nothing_active() -> None:
+    gone = PodPartition(f"lc{secrets.token_hex(3)}-no-such-pod", ["10.244.7.3"])
+    with pytest.raises(RuntimeError, match="no-such-pod"):
+        gone.cut()
+    assert not gone.active

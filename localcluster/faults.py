@@ -1,0 +1,344 @@
+"""The faults ``python -m localcluster`` injects, one small object each, in one table.
+
+A fault acts on the run's pods through a :class:`FaultContext` (the run: its
+RabbitMQ pods, its worker pods, the live ledger) and returns a :class:`FaultRecord`:
+what it hit, how it found it, when it struck, when the broken part came back, and
+its own evidence. The report (:func:`localcluster.report.build_report`) turns the
+record into numbers; nothing here computes them.
+
+Every fault waits ``down_seconds`` before bringing the broken part back, as a
+Kubernetes controller would (a new pod on the same volume, a replacement worker,
+the partition healed), and returns once it is back.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from localcluster.partition import PodPartition
+
+if TYPE_CHECKING:
+    from localcluster.report import LedgerTail
+    from localcluster.twin_engine import PodWorkers, RabbitPods
+
+#: A warm shutdown waits for the running tasks (10 x --task-seconds each).
+WARM_SHUTDOWN_TIMEOUT = 120.0
+#: How long a partitioned node's peers may take to see it gone, and to see it back.
+PARTITION_TIMEOUT = 120.0
+
+
+class FaultContext(Protocol):
+    """What a fault may use of the run."""
+
+    nodes: RabbitPods
+    workers: PodWorkers
+    tail: LedgerTail
+    down_seconds: float
+
+    def say(self, message: str) -> None: ...
+    def set_phase(self, phase: str) -> None: ...
+    def sleep(self, seconds: float) -> None: ...
+    def wait_for(self, what: str, predicate: Callable[[], bool], timeout: float) -> None: ...
+    def published(self) -> int: ...
+    def all_done(self) -> bool: ...
+    def recording(self, record: FaultRecord) -> FaultRecord:
+        """Keep ``record`` as it fills: an interrupted fault still reports what it did."""
+        ...
+
+
+@dataclass
+class FaultRecord:
+    """What one fault did. Times are wall-clock (``time.time()``)."""
+
+    kind: str
+    target: str | None = None
+    found_by: str | None = None
+    at_completed: int | None = None
+    injected: float | None = None
+    restarted: float | None = None
+    back: float | None = None
+    #: Tasks the target was running when it was hit (None: the fault hits no task).
+    in_flight_ids: list[str] | None = None
+    #: The fault's own evidence (how long the stop took, the pause, the exit status).
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def marks(self) -> dict[str, float]:
+        """``fault``/``restart``/``rejoin`` times, as the report and the timeline name them."""
+        named = {"fault": self.injected, "restart": self.restarted, "rejoin": self.back}
+        return {k: v for k, v in named.items() if v is not None}
+
+    @property
+    def rejoin_s(self) -> float | None:
+        if self.back is None or self.restarted is None:
+            return None
+        return round(self.back - self.restarted, 2)
+
+
+def _w0_node(run: FaultContext) -> tuple[int, str]:
+    """The RabbitMQ pod worker w0 is connected to, and how we know."""
+    nodes = run.nodes.connected_nodes(run.workers.procs[0].pid)
+    if nodes:
+        return nodes[0], "its AMQP connection"
+    return 0, "its broker rotation (no connection found)"
+
+
+class NoFault:
+    name = "none"
+    help = "no fault: the baseline"
+
+    def inject(self, run: FaultContext) -> FaultRecord:
+        return FaultRecord(self.name)
+
+
+@dataclass(frozen=True)
+class BrokerPodFault:
+    """SIGKILL (a crash) or a graceful stop (preStop, SIGTERM, grace: a drained node) of
+    the RabbitMQ pod worker w0 is connected to; then a new pod on the same volume."""
+
+    graceful: bool
+
+    @property
+    def name(self) -> str:
+        return "broker-stop" if self.graceful else "broker-kill"
+
+    @property
+    def help(self) -> str:
+        if self.graceful:
+            return "stop the RabbitMQ pod w0 is connected to gracefully (preStop, SIGTERM)"
+        return "SIGKILL every process of the RabbitMQ pod worker w0 is connected to"
+
+    def inject(self, run: FaultContext) -> FaultRecord:
+        node, how = _w0_node(run)
+        victim = run.workers.procs[0]
+        name = run.nodes.node_names[node]
+        run.tail.poll()
+        # Tasks w0 is running: their acks can no longer reach the broker, so they are
+        # redelivered (and w0's copies finish anyway: duplicates).
+        record = run.recording(
+            FaultRecord(
+                self.name,
+                target=name,
+                found_by=how,
+                at_completed=run.tail.completed(),
+                in_flight_ids=sorted(run.tail.in_flight(victim.nodename_prefix)),
+                detail={"node": node},
+            )
+        )
+        run.set_phase(f"{name} DOWN")
+        record.injected = time.time()
+        verb = "stopped (preStop, SIGTERM)" if self.graceful else "SIGKILLed"
+        run.say(
+            f"FAULT: {verb} RabbitMQ pod {name} (worker {victim.name} is connected to it, "
+            f"by {how}) with {record.at_completed} tasks completed"
+        )
+        run.nodes.stop_node(node, graceful=self.graceful)
+        record.detail["stop_s"] = round(time.time() - record.injected, 2)
+        run.sleep(run.down_seconds)
+        run.set_phase(f"{name} restarting")
+        record.restarted = time.time()
+        run.say(f"a new pod {name} on the same volume")
+        run.nodes.start_node(node)  # returns once every node sees it running
+        record.back = time.time()
+        run.say(f"{name} rejoined the cluster {record.rejoin_s:.1f} s after its restart")
+        return record
+
+
+class ClusterRestart:
+    name = "cluster-restart"
+    help = "stop all three RabbitMQ pods gracefully with tasks queued, then start them again"
+
+    def inject(self, run: FaultContext) -> FaultRecord:
+        run.tail.poll()
+        queued = run.published() - run.tail.completed()
+        record = run.recording(
+            FaultRecord(
+                self.name,
+                target="all nodes",
+                at_completed=run.tail.completed(),
+                # Every worker runs tasks whose acks cannot reach the broker any more.
+                in_flight_ids=sorted(run.tail.in_flight("")),
+                detail={"queued_or_running": queued},
+            )
+        )
+        run.set_phase("cluster DOWN")
+        record.injected = time.time()
+        count = len(run.nodes.node_names)
+        run.say(
+            f"FAULT: stopping all {count} RabbitMQ pods (graceful) with "
+            f"{record.at_completed} tasks completed and {queued} not yet"
+        )
+        run.nodes.stop_nodes(graceful=True)
+        record.detail["stop_s"] = round(time.time() - record.injected, 2)
+        run.sleep(run.down_seconds)
+        run.set_phase("cluster restarting")
+        record.restarted = time.time()
+        run.say(f"starting all {count} pods again (same volumes)")
+        run.nodes.start_nodes()
+        record.back = time.time()
+        run.say(f"cluster whole again {record.rejoin_s:.1f} s after the restart")
+        return record
+
+
+class Partition:
+    name = "partition"
+    help = (
+        "cut the RabbitMQ pod w0 is connected to off from its peers on the pod network "
+        "(its cluster links reset, clients still reach it), then heal"
+    )
+
+    def inject(self, run: FaultContext) -> FaultRecord:
+        node, how = _w0_node(run)
+        nodes = run.nodes
+        victim = run.workers.procs[0]
+        name = nodes.node_names[node]
+        peers = [i for i in range(len(nodes.node_names)) if i != node]
+        run.tail.poll()
+        record = run.recording(
+            FaultRecord(
+                self.name,
+                target=name,
+                found_by=how,
+                at_completed=run.tail.completed(),
+                in_flight_ids=sorted(run.tail.in_flight(victim.nodename_prefix)),
+                detail={"node": node},
+            )
+        )
+        partition = PodPartition(nodes.network_namespace(node), [nodes.address(i) for i in peers])
+        run.set_phase(f"{name} CUT OFF")
+        record.injected = time.time()
+        run.say(
+            f"FAULT: cutting {name} (worker {victim.name} is connected to it, by {how}) off "
+            f"from its peers with {record.at_completed} tasks completed"
+        )
+        try:
+            partition.cut()
+            # Evidence, from both sides: the peers see it gone, it sees them gone.
+            run.wait_for(
+                f"{peers} to see {name} gone",
+                lambda: all(len(nodes.running_nodes(i)) == len(peers) for i in peers),
+                PARTITION_TIMEOUT,
+            )
+            record.detail["peers_saw_it_gone_s"] = round(time.time() - record.injected, 2)
+            record.detail["majority_running_nodes"] = nodes.running_nodes(peers[0])
+            record.detail["minority_running_nodes"] = _running_nodes_or_error(nodes, node)
+            run.set_phase(f"{name} PARTITIONED")
+            run.say(
+                f"{name} cut off: its peers see {record.detail['majority_running_nodes']} after "
+                f"{record.detail['peers_saw_it_gone_s']} s; it sees "
+                f"{record.detail['minority_running_nodes']}"
+            )
+            run.sleep(run.down_seconds)
+            run.set_phase("healing")
+            record.restarted = time.time()
+            run.say("healing the partition")
+        finally:
+            partition.heal()  # the rules never outlive the fault
+        nodes.wait_clustered(timeout=PARTITION_TIMEOUT)
+        record.back = time.time()
+        record.detail["w0_connected_to"] = [
+            nodes.node_names[i] for i in nodes.connected_nodes(victim.pid)
+        ]
+        run.say(f"{name} back in the cluster {record.rejoin_s:.1f} s after the heal")
+        return record
+
+
+def _running_nodes_or_error(nodes: RabbitPods, node: int) -> list[str] | str:
+    try:
+        return nodes.running_nodes(node)
+    except Exception as exc:  # its own view is evidence, not a requirement
+        return f"unavailable: {str(exc)[-200:]}"
+
+
+@dataclass(frozen=True)
+class WorkerPodFault:
+    """SIGKILL of worker pod w0 mid-task (a machine dying), or its deletion (SIGTERM:
+    Celery's warm shutdown, SIGKILL after the grace); then a replacement pod."""
+
+    graceful: bool
+
+    @property
+    def name(self) -> str:
+        return "worker-term" if self.graceful else "worker-kill"
+
+    @property
+    def help(self) -> str:
+        if self.graceful:
+            return "delete worker pod w0 mid-task (SIGTERM: Celery's warm shutdown)"
+        return "SIGKILL every process of worker pod w0 mid-task"
+
+    def inject(self, run: FaultContext) -> FaultRecord:
+        victim = run.workers.procs[0]
+        prefix = victim.nodename_prefix
+        run.wait_for(
+            f"worker {victim.name} to run tasks",
+            lambda: bool(run.tail.in_flight(prefix)) or run.all_done(),
+            60,
+        )
+        run.tail.poll()
+        record = run.recording(
+            FaultRecord(
+                self.name,
+                target=victim.name,
+                found_by="the first worker pod",
+                at_completed=run.tail.completed(),
+                in_flight_ids=sorted(run.tail.in_flight(prefix)),
+                detail={"pid": victim.pid},
+            )
+        )
+        run.set_phase(f"{victim.name} stopping" if self.graceful else f"{victim.name} DEAD")
+        record.injected = time.time()
+        verb = "deleted (SIGTERM, warm shutdown)" if self.graceful else "SIGKILLed"
+        run.say(
+            f"FAULT: {verb} worker pod {victim.name} with {len(record.in_flight_ids or [])} "
+            f"tasks in flight, {record.at_completed} completed"
+        )
+        if self.graceful:
+            victim.terminate()  # stop consuming, finish and ack what runs, exit
+            try:
+                record.detail["exit_status"] = victim.wait(timeout=WARM_SHUTDOWN_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                run.say(f"{victim.name} still running {WARM_SHUTDOWN_TIMEOUT:.0f} s after SIGTERM")
+                victim.kill()
+                record.detail["exit_status"] = "killed after timeout"
+            record.detail["stop_s"] = round(time.time() - record.injected, 2)
+            run.set_phase(f"{victim.name} DEAD")
+        else:
+            victim.kill()  # every process of the pod: no warm shutdown, no ack
+            record.detail["exit_status"] = victim.proc.returncode
+        run.sleep(run.down_seconds)
+        run.set_phase(f"{victim.name} replaced")
+        record.restarted = time.time()
+        # A new name, as Kubernetes gives a replacement pod (and a fresh log).
+        replacement = run.workers.start(f"{victim.name}r")
+        replacement.wait_ready(60)
+        record.back = time.time()
+        record.detail["replacement"] = replacement.name
+        run.say(f"replacement worker pod {replacement.name} Ready after {record.rejoin_s} s")
+        return record
+
+
+class Fault(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def help(self) -> str: ...
+    def inject(self, run: FaultContext) -> FaultRecord: ...
+
+
+#: Every fault ``--fault`` accepts, by name, in the order ``--help`` lists them.
+FAULTS: dict[str, Fault] = {
+    f.name: f
+    for f in (
+        BrokerPodFault(graceful=False),
+        BrokerPodFault(graceful=True),
+        WorkerPodFault(graceful=False),
+        WorkerPodFault(graceful=True),
+        ClusterRestart(),
+        Partition(),
+        NoFault(),
+    )
+}
