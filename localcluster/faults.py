@@ -173,6 +173,10 @@ class ClusterRestart:
         )
         run.nodes.stop_nodes(graceful=True)
         record.detail["stop_s"] = round(time.time() - record.injected, 2)
+        # The graceful stop (preStop: drain) lets the workers go on for a while: what
+        # is still to do once every broker is down is what the restart must keep.
+        run.tail.poll()
+        record.detail["unfinished_when_stopped"] = run.published() - run.tail.completed()
         run.sleep(run.down_seconds)
         run.set_phase("cluster restarting")
         record.restarted = time.time()
