@@ -14,12 +14,13 @@ the partition healed), and returns once it is back.
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from localcluster.partition import PodPartition
+from localcluster import partition, rabbitlog
 
 if TYPE_CHECKING:
     from localcluster.report import LedgerTail
@@ -38,6 +39,15 @@ class FaultContext(Protocol):
     workers: PodWorkers
     tail: LedgerTail
     down_seconds: float
+    #: Which RabbitMQ pod a broker fault hits: the one worker w0 (``worker``) or the
+    #: scheduler (``scheduler``) is connected to, or the queue's leader (``leader``).
+    target: str
+    queue: str
+    vhost: str
+
+    def clients(self) -> dict[str, int]:
+        """Every AMQP client pod of the run (workers, the scheduler): name -> pid."""
+        ...
 
     def say(self, message: str) -> None: ...
     def set_phase(self, phase: str) -> None: ...
@@ -76,6 +86,23 @@ class FaultRecord:
         if self.back is None or self.restarted is None:
             return None
         return round(self.back - self.restarted, 2)
+
+
+def _target_node(run: FaultContext) -> tuple[int, str]:
+    """The RabbitMQ pod ``run.target`` names, and how we know."""
+    if run.target == "leader":
+        peers = [i for i in range(len(run.nodes.node_names))]
+        leader = run.nodes.queue_leader(run.queue, run.vhost, ask=peers[0])
+        if leader is not None:
+            return leader, f"the leader of quorum queue {run.queue}"
+        return 0, f"quorum queue {run.queue} had no leader: pod 0"
+    if run.target == "scheduler":
+        pid = run.clients().get("scheduler")
+        nodes = run.nodes.connected_nodes(pid) if pid else []
+        if nodes:
+            return nodes[0], "the scheduler's AMQP connection"
+        return 0, "the scheduler's connection was not found: pod 0"
+    return _w0_node(run)
 
 
 def _w0_node(run: FaultContext) -> tuple[int, str]:
@@ -211,7 +238,7 @@ class Partition:
                 detail={"node": node},
             )
         )
-        partition = PodPartition(nodes.network_namespace(node), [nodes.address(i) for i in peers])
+        cut = partition.partition(nodes.network_namespace(node), [nodes.address(i) for i in peers])
         run.set_phase(f"{name} CUT OFF")
         record.injected = time.time()
         run.say(
@@ -219,7 +246,7 @@ class Partition:
             f"from its peers with {record.at_completed} tasks completed"
         )
         try:
-            partition.cut()
+            cut.cut()
             # Evidence, from both sides: the peers see it gone, it sees them gone.
             run.wait_for(
                 f"{peers} to see {name} gone",
@@ -240,7 +267,7 @@ class Partition:
             record.restarted = time.time()
             run.say("healing the partition")
         finally:
-            partition.heal()  # the rules never outlive the fault
+            cut.heal()  # the rules never outlive the fault
         nodes.wait_clustered(timeout=PARTITION_TIMEOUT)
         record.back = time.time()
         record.detail["w0_connected_to"] = [
@@ -317,11 +344,198 @@ class WorkerPodFault:
         run.set_phase(f"{victim.name} replaced")
         record.restarted = time.time()
         # A new name, as Kubernetes gives a replacement pod (and a fresh log).
-        replacement = run.workers.start(f"{victim.name}r")
+        replacement = run.workers.replace(victim, f"{victim.name}r")
         replacement.wait_ready(60)
         record.back = time.time()
         record.detail["replacement"] = replacement.name
         run.say(f"replacement worker pod {replacement.name} Ready after {record.rejoin_s} s")
+        return record
+
+
+class ClientWatch:
+    """Which RabbitMQ pods each client pod is connected to, sampled every ``every`` s in a
+    thread: when did each client leave a lost node for another one."""
+
+    def __init__(self, run: FaultContext, every: float = 0.25) -> None:
+        self.run = run
+        self.every = every
+        self.samples: dict[str, list[tuple[float, list[int]]]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            now = time.time()
+            for name, pid in self.run.clients().items():
+                try:
+                    nodes = self.run.nodes.connected_nodes(pid)
+                except Exception:  # a pod going away mid-sample
+                    continue
+                self.samples.setdefault(name, []).append((now, nodes))
+            self._stop.wait(self.every)
+
+    def __enter__(self) -> ClientWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def moved(self, node: int, since: float) -> dict[str, float | None]:
+        """Client -> seconds after ``since`` until it was connected elsewhere and no longer
+        to ``node`` (None: it never moved, or was never on ``node``)."""
+        moved: dict[str, float | None] = {}
+        for name, samples in self.samples.items():
+            was_on = any(node in nodes for t, nodes in samples if t <= since + self.every)
+            if not was_on:
+                continue
+            moved[name] = next(
+                (
+                    round(t - since, 2)
+                    for t, nodes in samples
+                    if t >= since and nodes and node not in nodes
+                ),
+                None,
+            )
+        return moved
+
+
+@dataclass(frozen=True)
+class MachineLoss:
+    """A machine that dies silently: every process of a pod frozen at once (cgroup freezer)
+    and its network dropped (nothing answered, nothing reset) for ``down_seconds``, then
+    the pod replaced as Kubernetes would (killed, started again on the same volume)."""
+
+    worker: bool = False
+
+    @property
+    def name(self) -> str:
+        return "worker-machine-loss" if self.worker else "machine-loss"
+
+    @property
+    def help(self) -> str:
+        if self.worker:
+            return "worker pod w0's machine dies silently (frozen, packets dropped), then replaced"
+        return (
+            "the machine of the RabbitMQ pod --target names dies silently (frozen, packets "
+            "dropped), then the pod is replaced on its volume"
+        )
+
+    def inject(self, run: FaultContext) -> FaultRecord:
+        return self._worker(run) if self.worker else self._broker(run)
+
+    def _broker(self, run: FaultContext) -> FaultRecord:
+        nodes = run.nodes
+        node, how = _target_node(run)
+        name, lost = nodes.node_names[node], nodes.erlang_node(node)
+        peers = [i for i in range(len(nodes.node_names)) if i != node]
+        run.tail.poll()
+        record = run.recording(
+            FaultRecord(
+                self.name,
+                target=name,
+                found_by=how,
+                at_completed=run.tail.completed(),
+                detail={"node": node},
+            )
+        )
+        quiet = partition.silence(nodes.network_namespace(node))
+        with ClientWatch(run) as watch:
+            time.sleep(2 * watch.every)  # where every client is before the fault
+            run.set_phase(f"{name} LOST")
+            record.injected = time.time()
+            run.say(
+                f"FAULT: the machine of {name} (found by {how}) is lost: frozen, its packets "
+                f"dropped, with {record.at_completed} tasks completed"
+            )
+            try:
+                nodes.freeze(node)
+                quiet.cut()
+                run.sleep(run.down_seconds)
+            finally:
+                quiet.heal()
+            run.set_phase(f"{name} replaced")
+            record.restarted = time.time()
+            run.say(f"{name} replaced: killed, a new pod on the same volume")
+            nodes.stop_node(node, graceful=False)
+            nodes.start_node(node)
+            record.back = time.time()
+        events = [e for i in peers for e in rabbitlog.parse(nodes.log(i), nodes.erlang_node(i))]
+        injected = record.injected
+        down = rabbitlog.first_down(events, lost, injected)
+        leader = rabbitlog.first_new_leader(events, run.queue, injected, other_than=lost)
+        record.detail.update(
+            declared_down_s={peer: round(t - injected, 2) for peer, t in sorted(down.items())},
+            all_peers_declared_down_s=round(max(down.values()) - injected, 2)
+            if len(down) == len(peers)
+            else None,
+            new_leader_s=None if leader is None else round(leader.ts - injected, 2),
+            new_leader=None if leader is None else leader.node,
+            clients_moved_s=watch.moved(node, injected),
+        )
+        run.say(
+            f"{name} back {record.rejoin_s} s after its replacement; peers declared it down "
+            f"after {record.detail['declared_down_s']} s, new leader of {run.queue} after "
+            f"{record.detail['new_leader_s']} s, clients moved after "
+            f"{record.detail['clients_moved_s']}"
+        )
+        return record
+
+    def _worker(self, run: FaultContext) -> FaultRecord:
+        victim = run.workers.procs[0]
+        prefix = victim.nodename_prefix
+        run.wait_for(
+            f"worker {victim.name} to run tasks",
+            lambda: bool(run.tail.in_flight(prefix)) or run.all_done(),
+            60,
+        )
+        run.tail.poll()
+        in_flight = sorted(run.tail.in_flight(prefix))
+        record = run.recording(
+            FaultRecord(
+                self.name,
+                target=victim.name,
+                found_by="the first worker pod",
+                at_completed=run.tail.completed(),
+                in_flight_ids=in_flight,
+            )
+        )
+        quiet = partition.silence(victim.pod.netns)
+        run.set_phase(f"{victim.name} LOST")
+        record.injected = time.time()
+        run.say(
+            f"FAULT: the machine of worker pod {victim.name} is lost (frozen, packets dropped) "
+            f"with {len(in_flight)} tasks in flight, {record.at_completed} completed"
+        )
+        try:
+            victim.pod.freeze()
+            quiet.cut()
+            # Its tasks must come back to the others: when did each start again elsewhere?
+            run.wait_for(
+                f"the tasks {victim.name} held to be redelivered",
+                lambda: run.tail.restarted_elsewhere(in_flight, prefix) or run.all_done(),
+                max(run.down_seconds, 1.0),
+            )
+        except TimeoutError:
+            pass  # measured below: not redelivered while the machine was gone
+        finally:
+            run.sleep(max(0.0, record.injected + run.down_seconds - time.time()))
+            quiet.heal()
+        record.detail["redelivered_s"] = run.tail.redelivered_after(
+            in_flight, prefix, record.injected
+        )
+        run.set_phase(f"{victim.name} replaced")
+        record.restarted = time.time()
+        victim.kill()
+        replacement = run.workers.replace(victim, f"{victim.name}r")
+        replacement.wait_ready(60)
+        record.back = time.time()
+        record.detail["replacement"] = replacement.name
+        run.say(
+            f"{victim.name}'s {len(in_flight)} tasks redelivered after "
+            f"{record.detail['redelivered_s']} s; replacement {replacement.name} Ready"
+        )
         return record
 
 
@@ -343,6 +557,8 @@ FAULTS: dict[str, Fault] = {
         WorkerPodFault(graceful=True),
         ClusterRestart(),
         Partition(),
+        MachineLoss(worker=False),
+        MachineLoss(worker=True),
         NoFault(),
     )
 }

@@ -1,4 +1,5 @@
-"""Cut one pod off from its peers on the pod network: a network partition of the twin.
+"""Cut a pod's network: off from its peers (a partition), or silently off from everyone
+(a machine that vanished).
 
 The rules live in the isolated pod's own network namespace (``ip netns exec <ns>
 nft``), in one table, ``inet localcluster_partition``: every TCP packet between
@@ -9,8 +10,12 @@ down, and clients still reach every node. ``reject``, not ``drop``: with ``drop`
 the nodes only notice after Erlang's ``net_ticktime`` (60 s); a silent drop is the
 machine-loss fault's business, not this one's.
 
+:func:`silence_rules` is the other cut: every packet in or out of the pod dropped,
+nothing answered, nothing reset (a dead NIC, a crashed VM): peers and clients find
+out only through their own timeouts (Erlang's ``net_ticktime``, AMQP heartbeats).
+
 Rules in the pod's namespace cannot outlive the pod: deleting the namespace deletes
-them. :meth:`PodPartition.heal` deletes the table (idempotent) before that.
+them. :meth:`NetworkCut.heal` deletes the table (idempotent) before that.
 Needs root (CAP_NET_ADMIN) and the ``nft`` command (Debian package ``nftables``).
 """
 
@@ -25,7 +30,17 @@ from types import TracebackType
 
 from localcluster.podnet import NETNS_DIR
 
-__all__ = ["NFT_PACKAGE", "TABLE", "PartitionUnavailableError", "PodPartition", "check_available"]
+__all__ = [
+    "NFT_PACKAGE",
+    "TABLE",
+    "NetworkCut",
+    "PartitionUnavailableError",
+    "check_available",
+    "partition",
+    "rules",
+    "silence",
+    "silence_rules",
+]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +91,25 @@ def rules(peers: Sequence[str]) -> str:
     )
 
 
+def silence_rules() -> str:
+    """The nft script that drops every packet in and out of this namespace but loopback's."""
+    return "\n".join(
+        [
+            f"table inet {TABLE} {{",
+            "  chain in {",
+            "    type filter hook input priority 0; policy accept;",
+            '    iifname != "lo" counter drop',
+            "  }",
+            "  chain out {",
+            "    type filter hook output priority 0; policy accept;",
+            '    oifname != "lo" counter drop',
+            "  }",
+            "}",
+            "",
+        ]
+    )
+
+
 def _nft(netns: str, *args: str, script: str | None = None) -> str:
     result = subprocess.run(
         ["ip", "netns", "exec", netns, "nft", *args],
@@ -97,28 +131,25 @@ def tables(netns: str) -> list[str]:
     ]
 
 
-class PodPartition:
-    """``cut()`` the pod whose network namespace is ``netns`` off from ``peers``;
-    ``heal()`` (idempotent) undoes it."""
+class NetworkCut:
+    """``cut()`` applies ``script`` in the network namespace ``netns``; ``heal()``
+    (idempotent) deletes it again."""
 
-    def __init__(self, netns: str, peers: Sequence[str]) -> None:
+    def __init__(self, netns: str, script: str) -> None:
         self.netns = netns
-        self.peers = list(peers)
+        self.script = script
         self.active = False
-
-    def rules(self) -> str:
-        return rules(self.peers)
 
     def cut(self) -> None:
         check_available()
-        script = self.rules()
+        script = self.script
         self.active = True  # before: a half-applied script is still ours to delete
         try:
             _nft(self.netns, "-f", "-", script=script)
         except BaseException:
             self.heal()
             raise
-        log.info("partition: %s cut off from %s", self.netns, self.peers)
+        log.info("network of %s cut", self.netns)
 
     def heal(self) -> None:
         if not self.active:
@@ -129,9 +160,9 @@ class PodPartition:
         if f"inet {TABLE}" in tables(self.netns):
             _nft(self.netns, "delete", "table", "inet", TABLE)
         self.active = False
-        log.info("partition of %s healed", self.netns)
+        log.info("network of %s healed", self.netns)
 
-    def __enter__(self) -> PodPartition:
+    def __enter__(self) -> NetworkCut:
         return self
 
     def __exit__(
@@ -141,3 +172,13 @@ class PodPartition:
         tb: TracebackType | None,
     ) -> None:
         self.heal()
+
+
+def partition(netns: str, peers: Sequence[str]) -> NetworkCut:
+    """The pod whose namespace is ``netns`` cut off from ``peers`` (resets, at once)."""
+    return NetworkCut(netns, rules(peers))
+
+
+def silence(netns: str) -> NetworkCut:
+    """The pod whose namespace is ``netns`` gone silent to everyone (drops, no answer)."""
+    return NetworkCut(netns, silence_rules())

@@ -545,10 +545,14 @@ class Pod:
         self._stopping = True
         if running is not None:
             self._kill_container(running)
-            running.proc.wait()
         for pid in self.pids():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        # A frozen process dies of its SIGKILL only once thawed (a lost machine's pod).
+        if self.frozen():
+            self.thaw()
+        if running is not None:
+            running.proc.wait()
         self._set_ready(False)
         self._event("killed")
 
@@ -559,6 +563,12 @@ class Pod:
     def thaw(self) -> None:
         (self.cgroup("freezer") / "freezer.state").write_text("THAWED")
         self._event("thawed")
+
+    def frozen(self) -> bool:
+        try:
+            return (self.cgroup("freezer") / "freezer.state").read_text().strip() != "THAWED"
+        except OSError:
+            return False
 
     def pids(self) -> list[int]:
         """Every process in the pod's cgroup right now (exec'd commands included)."""

@@ -86,6 +86,7 @@ class LedgerTail:
     finished: set[str] = field(default_factory=set)
     finish_times: list[float] = field(default_factory=list)  # every finish, sorted
     running: dict[str, set[str]] = field(default_factory=dict)  # worker -> started, unfinished
+    starts: dict[str, list[tuple[float, str]]] = field(default_factory=dict)  # id -> (ts, worker)
     _offset: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -105,6 +106,7 @@ class LedgerTail:
                     continue
                 if event.event == ledger.START:
                     self.running.setdefault(event.worker, set()).add(event.task_id)
+                    self.starts.setdefault(event.task_id, []).append((event.ts, event.worker))
                 elif event.event == ledger.FINISH:
                     self.finished.add(event.task_id)
                     bisect.insort(self.finish_times, event.ts)
@@ -126,6 +128,30 @@ class LedgerTail:
                 if worker.startswith(worker_prefix):
                     found |= ids
             return found
+
+    def redelivered_after(
+        self, ids: Iterable[str], worker_prefix: str, since: float
+    ) -> float | None:
+        """Seconds after ``since`` until every one of ``ids`` had started again on a worker
+        other than ``worker_prefix`` (None: not all of them did, or there were none)."""
+        self.poll()
+        with self._lock:
+            latest = since
+            wanted = list(ids)
+            for task_id in wanted:
+                again = [
+                    ts
+                    for ts, worker in self.starts.get(task_id, [])
+                    if ts >= since and not worker.startswith(worker_prefix)
+                ]
+                if not again:
+                    return None
+                latest = max(latest, min(again))
+            return round(latest - since, 2) if wanted else None
+
+    def restarted_elsewhere(self, ids: Iterable[str], worker_prefix: str) -> bool:
+        """Every one of ``ids`` has started on a worker other than ``worker_prefix``."""
+        return self.redelivered_after(ids, worker_prefix, 0.0) is not None
 
     def rate(self, now: float, window: float = 5.0) -> float:
         """Task executions finished per second over the last ``window`` seconds."""
@@ -204,6 +230,8 @@ class RunFacts:
     twin: Mapping[str, Any]  # stack, RabbitMQ version, run id, mounted files, adaptations
     leftovers: Mapping[str, Sequence[str]]  # what close() found still there
     logs: str
+    #: (time, tasks confirmed so far), each time the scheduler's count grew.
+    confirms: Sequence[tuple[float, int]] = ()
 
 
 @dataclass(frozen=True)
@@ -270,6 +298,23 @@ def build_report(facts: RunFacts) -> tuple[dict[str, Any], Timeline]:
     if facts.timed_out:
         detail["timed_out"] = True
     rejoin = record.back
+    # Each worker's own stall, and the scheduler's (no confirm while it still had tasks
+    # to publish), from the fault on.
+    by_worker = _finishes_by_worker(events)
+    stall_by_worker = (
+        None
+        if fault_at is None
+        else {
+            worker: round(longest_gap([fault_at, *(t for t in times if t >= fault_at)])[0], 3)
+            for worker, times in sorted(by_worker.items())
+        }
+    )
+    confirm_times = [t for t, _ in facts.confirms]
+    scheduler_stall = (
+        None
+        if fault_at is None or not confirm_times or confirm_times[-1] < fault_at
+        else round(longest_gap([fault_at, *(t for t in confirm_times if t >= fault_at)])[0], 3)
+    )
     gap_label = "longest gap" if fault_at is None else "failover gap"
     report: dict[str, Any] = {
         "status": facts.status,
@@ -286,9 +331,10 @@ def build_report(facts: RunFacts) -> tuple[dict[str, Any], Timeline]:
         "failover_gap_start_s": None if gap[1] is None else round(gap[1] - begin, 2),
         "longest_gap_whole_run_s": round(whole_run_gap[0], 3),
         "longest_gap_by_worker_s": {
-            worker: round(longest_gap(times)[0], 3)
-            for worker, times in sorted(_finishes_by_worker(events).items())
+            worker: round(longest_gap(times)[0], 3) for worker, times in sorted(by_worker.items())
         },
+        "stall_by_worker_s": stall_by_worker,
+        "scheduler_stall_s": scheduler_stall,
         "rejoin_s": record.rejoin_s,
         "down_s": None if fault_at is None or rejoin is None else round(rejoin - fault_at, 2),
         "throughput_per_s": {

@@ -33,12 +33,15 @@ import math
 import os
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from app import ledger
+from app.settings import DEFAULT_QUEUE, ENV_QUEUE
 from localcluster import twin, twin_engine
 from localcluster.cli_types import fraction, non_negative_float, positive_int
 from localcluster.console import Console, run_guarded
@@ -65,6 +68,10 @@ DEFAULT_TASKS = 2400
 DEFAULT_STEP_SECONDS = 0.1
 DEFAULT_FAULT_AT = 1 / 3
 DEFAULT_DOWN_SECONDS = 5.0
+# A lost machine stays lost about as long as Kubernetes takes to notice (node
+# monitor grace period 40 s) and replace its pod.
+DEFAULT_LOST_MACHINE_SECONDS = 60.0
+TARGETS = ("worker", "scheduler", "leader")
 DEFAULT_TIMEOUT = 600.0
 
 
@@ -78,6 +85,9 @@ class LocalRun:
         self.out = Path(args.out)
         self.logs = self.out / "logs"
         self.down_seconds: float = args.down_seconds
+        self.target: str = args.target
+        self.queue = DEFAULT_QUEUE
+        self.vhost = ""
         self.twin: twin.StatefulSetTwin | None = None
         self.nodes: RabbitPods
         self.workers: PodWorkers
@@ -90,6 +100,8 @@ class LocalRun:
         self.twin_info: dict[str, Any] = {}
         self.leftovers: dict[str, list[str]] = {}
         self.phase = "starting"
+        self.confirms: list[tuple[float, int]] = []
+        self._watching = threading.Event()
 
     # ------------------------------------------------------- the fault's context
     def say(self, message: str) -> None:
@@ -101,6 +113,12 @@ class LocalRun:
     def recording(self, record: FaultRecord) -> FaultRecord:
         self.record = record
         return record
+
+    def clients(self) -> dict[str, int]:
+        found = {w.name: w.pid for w in self.workers.procs if w.alive()}
+        if self.scheduler is not None and self.scheduler_exit is None and self.scheduler.proc.pid:
+            found["scheduler"] = self.scheduler.proc.pid
+        return found
 
     def published(self) -> int:
         return len(self.scheduler.published_ids()) if self.scheduler else 0
@@ -163,6 +181,7 @@ class LocalRun:
         self.phase = "running"
         self.marks["publish"] = time.time()
         self.scheduler = self.workers.scheduler(rate=args.rate)
+        threading.Thread(target=self._count_confirms, daemon=True).start()
         self.console.show(self.progress_line)
         deadline = time.monotonic() + args.timeout
         if args.fault != "none":
@@ -203,6 +222,9 @@ class LocalRun:
         )
         self.nodes = RabbitPods(self.twin)
         self.workers = PodWorkers(self.twin, args.task_seconds)
+        worker_env = self.twin.worker_env()
+        self.queue = worker_env.get(ENV_QUEUE, DEFAULT_QUEUE)
+        self.vhost = unquote(urlsplit(self.twin.broker_urls()[0]).path.lstrip("/"))
         # The pods write the ledger on the run's shared directory; read it live.
         self.tail = LedgerTail(self.workers.ledger)
         self.nodes.start()
@@ -227,6 +249,17 @@ class LocalRun:
             f"{len(started)} worker pods Ready ({args.concurrency} threads each, "
             "broker list rotated by pod name)"
         )
+
+    def _count_confirms(self, every: float = 0.2) -> None:
+        """When the scheduler's confirmed count grew (its ids file), until it exits."""
+        scheduler = self.scheduler
+        assert scheduler is not None
+        while not self._watching.wait(every):
+            count = len(scheduler.published_ids())
+            if not self.confirms or count != self.confirms[-1][1]:
+                self.confirms.append((time.time(), count))
+            if scheduler.proc.poll() is not None and count == len(scheduler.published_ids()):
+                return
 
     def _clean_logs(self) -> None:
         """Remove what a previous run left in --out/logs (only our own file names)."""
@@ -253,6 +286,7 @@ class LocalRun:
 
     def close(self, failed: bool) -> list[str]:
         """Remove everything the run made; return the problems found."""
+        self._watching.set()
         if self.twin is None:
             return []
         problems: list[str] = []
@@ -301,6 +335,7 @@ class LocalRun:
             twin=self.twin_info,
             leftovers=self.leftovers,
             logs=str(self.logs),
+            confirms=list(self.confirms),
         )
 
 
@@ -348,8 +383,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--down-seconds",
         type=non_negative_float,
-        default=DEFAULT_DOWN_SECONDS,
-        help="how long the killed node/worker stays dead before it is brought back",
+        default=argparse.SUPPRESS,
+        help=f"how long the broken part stays broken before it is brought back (default: "
+        f"{DEFAULT_LOST_MACHINE_SECONDS:.0f} for the machine-loss faults, "
+        f"{DEFAULT_DOWN_SECONDS:.0f} otherwise)",
+    )
+    parser.add_argument(
+        "--target",
+        choices=TARGETS,
+        default="worker",
+        help="which RabbitMQ pod machine-loss hits: the one worker w0 is connected to, the "
+        "scheduler's, or the leader of the workers' quorum queue",
     )
     parser.add_argument(
         "--rate",
@@ -368,6 +412,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not hasattr(args, "fault_at"):  # SUPPRESS: shown as 1/3 in --help, not 0.333...
         args.fault_at = DEFAULT_FAULT_AT
+    if not hasattr(args, "down_seconds"):
+        lost_machine = args.fault in ("machine-loss", "worker-machine-loss")
+        args.down_seconds = DEFAULT_LOST_MACHINE_SECONDS if lost_machine else DEFAULT_DOWN_SECONDS
     return args
 
 

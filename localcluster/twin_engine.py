@@ -10,6 +10,7 @@ scheduler Job's tasks), so the pods are the program's own.
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import threading
 import time
@@ -64,6 +65,32 @@ class RabbitPods:
 
     def network_namespace(self, i: int) -> str:
         return self._pod(i).netns
+
+    def erlang_node(self, i: int) -> str:
+        """The node's Erlang name, as the rendered StatefulSet sets it (RABBITMQ_NODENAME)."""
+        return dict(self._pod(i).spec.container.env)["RABBITMQ_NODENAME"]
+
+    def log(self, i: int) -> str:
+        """Pod ``i``'s whole RabbitMQ log ("" once the pod is gone)."""
+        try:
+            return self._pod(i).log_file().read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def freeze(self, i: int) -> None:
+        self._pod(i).freeze()
+
+    def queue_leader(self, queue: str, vhost: str, ask: int) -> int | None:
+        """The ordinal of the pod leading quorum queue ``vhost/queue``, asked of pod ``ask``."""
+        out = self.twin.rabbitmqctl(
+            ask, "list_queues", "-p", vhost, "name", "leader", "--formatter", "json"
+        )
+        rows = json.loads(out[out.index("[") :])
+        leader = next((r.get("leader") for r in rows if r.get("name") == queue), None)
+        for i in range(len(self.node_names)):
+            if self.erlang_node(i) == leader:
+                return i
+        return None
 
     def is_running(self, i: int) -> bool:
         name = self.node_names[i]
@@ -232,6 +259,12 @@ class PodWorkers:
     def start(self, name: str) -> PodWorker:
         worker = PodWorker(self.twin.start_worker(name, self.env))
         self.procs.append(worker)
+        return worker
+
+    def replace(self, old: PodWorker, name: str) -> PodWorker:
+        """A replacement pod for ``old``, in its place (worker 0 stays worker 0)."""
+        worker = PodWorker(self.twin.start_worker(name, self.env))
+        self.procs[self.procs.index(old)] = worker
         return worker
 
     def start_replicas(self, timeout: float = 120) -> list[PodWorker]:

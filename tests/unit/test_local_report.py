@@ -177,8 +177,13 @@ def test_the_report_of_a_broker_kill_counts_losses_duplicates_gaps_and_the_fault
         in_flight_ids=["b"],
         detail={"node": 1, "stop_s": 0.1},
     )
-    report, timeline = build_report(facts(record, lines))
+    # The scheduler confirmed 1, then 2 before the fault, then nothing until 109.
+    confirms = [(100.5, 1), (103.5, 2), (109.0, 3)]
+    report, timeline = build_report(facts(record, lines, confirms=confirms))
     assert report["submitted"] == 3 and report["completed_unique"] == 2
+    assert report["scheduler_stall_s"] == 5.0  # from the fault (104) to 109
+    # Each worker's own stall from the fault on: w0 104 -> 108.5, w1 104 -> 108.
+    assert report["stall_by_worker_s"] == {"celery@w0": 4.5, "celery@w1": 4.0}
     assert report["lost"] == 1 and report["lost_ids"] == ["c"]
     assert report["duplicates"] == 1 and report["extra_executions"] == 1
     assert report["malformed_ledger_lines"] == 1
@@ -216,7 +221,22 @@ def test_the_report_of_a_run_without_a_fault_or_that_timed_out() -> None:
     report, timeline = build_report(facts(FaultRecord("none"), lines))
     assert report["lost"] == 0 and report["down_s"] is None and report["rejoin_s"] is None
     assert report["fault_detail"] == {"kind": "none"}
+    assert report["stall_by_worker_s"] is None and report["scheduler_stall_s"] is None
     assert report["failover_gap_s"] == report["longest_gap_whole_run_s"] == 1.0
     assert timeline.gap_label == "longest gap" and timeline.marks == {}
     timed_out, _ = build_report(facts(FaultRecord("none"), lines[:1], timed_out=True))
     assert timed_out["fault_detail"]["timed_out"] is True and timed_out["lost"] == 2
+
+
+def test_the_ledger_tail_says_when_a_lost_workers_tasks_started_elsewhere(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.jsonl"
+    record(path, START, "a", "celery@w0", 1.0)
+    record(path, START, "b", "celery@w0", 1.5)
+    record(path, START, "a", "celery@w1", 7.0)  # redelivered after w0 was lost at 2.0
+    tail = LedgerTail(path)
+    assert tail.redelivered_after(["a", "b"], "celery@w0", 2.0) is None  # b not yet
+    assert not tail.restarted_elsewhere(["a", "b"], "celery@w0")
+    record(path, START, "b", "celery@w2", 9.5)
+    assert tail.redelivered_after(["a", "b"], "celery@w0", 2.0) == 7.5
+    assert tail.restarted_elsewhere(["a", "b"], "celery@w0")
+    assert tail.redelivered_after([], "celery@w0", 2.0) is None

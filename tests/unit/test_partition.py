@@ -8,12 +8,13 @@ import secrets
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import pytest
 
 from localcluster import podnet
-from localcluster.partition import TABLE, PodPartition, rules, tables
+from localcluster.partition import TABLE, partition, rules, silence, tables
 
 PORT = 7777
 SERVE = (
@@ -90,15 +91,28 @@ def test_a_cut_pod_reaches_its_peers_no_more_but_everyone_else_still(
         assert server.stdout is not None and server.stdout.readline().strip() == "ready"
         b = network.address_of("b")
         assert _connects(ns_a, b)
-        partition = PodPartition(ns_a, [b])
-        with partition:
-            partition.cut()
+        cut = partition(ns_a, [b])
+        with cut:
+            cut.cut()
             assert f"inet {TABLE}" in tables(ns_a)
-            assert not _connects(ns_a, b)  # a -> b reset at once
+            began = time.monotonic()
+            assert not _connects(ns_a, b)  # a -> b reset at once, not timed out
+            assert time.monotonic() - began < 2.5
             assert _connects(ns_a, network.gateway, host.getsockname()[1])  # clients pass
         assert tables(ns_a) == []
         assert _connects(ns_a, b)
-        partition.heal()  # idempotent
+        cut.heal()  # idempotent
+
+        quiet = silence(ns_a)
+        with quiet:
+            quiet.cut()
+            # Nothing answers, nothing resets: the connection attempt times out (3 s).
+            began = time.monotonic()
+            assert not _connects(ns_a, b)
+            assert time.monotonic() - began >= 2.9
+            assert not _connects(ns_a, network.gateway, host.getsockname()[1])
+        assert tables(ns_a) == []
+        assert _connects(ns_a, b)
     finally:
         host.close()
         server.kill()
@@ -106,7 +120,7 @@ def test_a_cut_pod_reaches_its_peers_no_more_but_everyone_else_still(
 
 
 def test_a_cut_that_fails_raises_and_leaves_nothing_active() -> None:
-    gone = PodPartition(f"lc{secrets.token_hex(3)}-no-such-pod", ["10.244.7.3"])
+    gone = partition(f"lc{secrets.token_hex(3)}-no-such-pod", ["10.244.7.3"])
     with pytest.raises(RuntimeError, match="no-such-pod"):
         gone.cut()
     assert not gone.active
