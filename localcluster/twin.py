@@ -546,6 +546,11 @@ class StatefulSetTwin:
         (deployment,) = self.rendered.of_kind("Deployment")
         return deployment
 
+    def worker_env(self) -> dict[str, str]:
+        """The worker container's literal env values, as the rendered Deployment sets them."""
+        container = self.deployment["spec"]["template"]["spec"]["containers"][0]
+        return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+
     def worker_names(self) -> list[str]:
         name = self.deployment["metadata"]["name"]
         return [f"{name}-{i}" for i in range(int(self.deployment["spec"]["replicas"]))]
