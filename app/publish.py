@@ -39,6 +39,7 @@ from kombu.exceptions import OperationalError
 
 from app.settings import (
     DEFAULT_PUBLISH_RETRY_SECONDS,
+    PUBLISH_CONFIRM_TIMEOUT_SECONDS,
     PUBLISH_RETRY_INTERVAL_MAX,
     PUBLISH_RETRY_INTERVAL_START,
     PUBLISH_RETRY_INTERVAL_STEP,
@@ -211,6 +212,7 @@ class BudgetedTask(Task):
             )
         # One id for every attempt: a retried publish is the same task.
         task_id = task_id or uuid()
+        options.setdefault("confirm_timeout", PUBLISH_CONFIRM_TIMEOUT_SECONDS)
         with self.app.producer_or_acquire(producer) as P:
 
             def send() -> Any:

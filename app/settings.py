@@ -23,6 +23,8 @@ Environment variables
 ``CELERY_CONCURRENCY``      positive int; default 100 for threads (the tasks
                             mostly sleep), the CPU count for prefork, 1 for solo.
 ``CELERY_BROKER_HEARTBEAT`` AMQP heartbeat in seconds (default 10, 0 = off).
+``CELERY_REMOTE_CONTROL``   ``1`` to let ``celery inspect``/``control`` reach the
+                            workers (default ``0``: off, see ``celery_config``).
 ``CELERY_PUBLISH_RETRY_SECONDS`` how long a publish keeps retrying while no
                             node takes it (default 120; 1 to 3600): the
                             publish retry budget, see
@@ -54,6 +56,7 @@ ENV_POOL = "CELERY_POOL"
 ENV_CONCURRENCY = "CELERY_CONCURRENCY"
 ENV_HEARTBEAT = "CELERY_BROKER_HEARTBEAT"
 ENV_PUBLISH_RETRY_SECONDS = "CELERY_PUBLISH_RETRY_SECONDS"
+ENV_REMOTE_CONTROL = "CELERY_REMOTE_CONTROL"
 ENV_HOSTNAME = "HOSTNAME"
 # Read by app/tasks.py (which imports the app, so they are named here).
 ENV_STEP_SECONDS = "COUNT_STEP_SECONDS"
@@ -89,6 +92,12 @@ DEFAULT_HEARTBEAT_SECONDS = 10
 # max_retries there gave up after ~6 s (4 s + the back-off sleep in progress).
 # Celery's own policy is a single attempt; app.publish goes through the nodes.
 DEFAULT_PUBLISH_RETRY_SECONDS = 120.0
+# How long a publish waits for RabbitMQ's confirm before it is retried via the next
+# node. A node whose machine vanished silently never answers: without a timeout the
+# publisher waits until the node is replaced (a minute or more). A confirm normally
+# comes in milliseconds, and within a few seconds during a quorum-queue leader
+# election; a publish retried after a timeout may be delivered twice (same task id).
+PUBLISH_CONFIRM_TIMEOUT_SECONDS = 5.0
 MIN_PUBLISH_RETRY_SECONDS = 1.0
 MAX_PUBLISH_RETRY_SECONDS = 3600.0
 # After a failed attempt the next node is tried at once; after a full round
@@ -179,6 +188,7 @@ class WorkerSettings:
     concurrency: int = DEFAULT_THREADS_CONCURRENCY
     heartbeat: int = DEFAULT_HEARTBEAT_SECONDS
     publish_retry_seconds: float = DEFAULT_PUBLISH_RETRY_SECONDS
+    remote_control: bool = False
 
     @property
     def rotated_broker_urls(self) -> list[str]:
@@ -239,6 +249,10 @@ class WorkerSettings:
             else DEFAULT_PUBLISH_RETRY_SECONDS
         )
 
+        raw_remote = env.get(ENV_REMOTE_CONTROL, "0").strip()
+        if raw_remote not in ("0", "1"):
+            raise _bad(ENV_REMOTE_CONTROL, raw_remote, "0 (off) or 1 (on)")
+
         return cls(
             broker_urls=urls,
             rotation=rotation,
@@ -248,6 +262,7 @@ class WorkerSettings:
             concurrency=concurrency,
             heartbeat=heartbeat,
             publish_retry_seconds=publish_retry_seconds,
+            remote_control=raw_remote == "1",
         )
 
     def to_env(self) -> dict[str, str]:
@@ -263,6 +278,7 @@ class WorkerSettings:
             ENV_CONCURRENCY: str(self.concurrency),
             ENV_HEARTBEAT: str(self.heartbeat),
             ENV_PUBLISH_RETRY_SECONDS: repr(float(self.publish_retry_seconds)),
+            ENV_REMOTE_CONTROL: "1" if self.remote_control else "0",
         }
 
 
@@ -319,6 +335,15 @@ def celery_config(settings: WorkerSettings) -> dict[str, Any]:
         # that has no leader for a moment during an election - restarts the
         # consumer instead of stopping the worker.
         "broker_channel_error_retry": True,
+        # No remote control: each worker would own an exclusive pidbox queue on the
+        # node its connection is on. When that node's machine vanishes silently the
+        # queue stays "locked" until the node is replaced, and a worker that
+        # reconnected elsewhere fails to redeclare it (RESOURCE_LOCKED) and restarts
+        # its consumer in a loop: measured on the pod twin (machine-loss, 2026-12-01),
+        # the two workers that had been on the lost node ran nothing for 65 s. The
+        # price: `celery inspect` / `celery control` get no answer (the liveness
+        # probe does not use them; CELERY_REMOTE_CONTROL=1 turns it back on).
+        "worker_enable_remote_control": settings.remote_control,
         # --- Queue: quorum, on a topic exchange. -------------------------------
         "task_queues": (task_queue(settings),),
         "task_default_queue": settings.queue,

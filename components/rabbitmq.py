@@ -299,6 +299,7 @@ def config_map_data(args: RabbitmqClusterArgs) -> dict[str, str]:
             disk_free_limit=rmq.disk_free_limit_bytes(args.production),
             container_memory_limit=rmq.memory_limit_bytes,
             definitions_path=DEFINITIONS_FILE,
+            net_ticktime=rmq.net_ticktime_seconds,
         ),
         PLUGINS_KEY: enabled_plugins(found),
     }

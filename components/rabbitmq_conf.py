@@ -264,8 +264,12 @@ def rabbitmq_conf(
     disk_free_limit: str | int = "2GB",
     container_memory_limit: int | None = None,
     definitions_path: str | None = None,
+    net_ticktime: int | None = None,
 ) -> str:
     """Render ``rabbitmq.conf`` (new-style, sysctl format) for one RabbitMQ version.
+
+    ``net_ticktime``: seconds until the other nodes declare a silent node down
+    (None: RabbitMQ's default, 60).
 
     Only the peer-discovery section depends on ``discovery``; everything else is
     identical for Kubernetes and for the local test cluster.  The default user is not
@@ -295,6 +299,8 @@ def rabbitmq_conf(
             "disk_free_limit must look like '2GB' or '500MB', or be a positive number of "
             f"bytes, got {disk_free_limit!r}"
         )
+    if net_ticktime is not None and (isinstance(net_ticktime, bool) or net_ticktime < 1):
+        raise ValueError(f"net_ticktime must be a positive number of seconds, got {net_ticktime!r}")
     memory_lines = []
     if container_memory_limit is not None:
         memory_lines = [
@@ -330,6 +336,13 @@ def rabbitmq_conf(
         "auth_mechanisms.2 = AMQPLAIN",
         "",
     ]
+    if net_ticktime is not None:
+        lines += [
+            "## A node that vanishes silently is declared down after ~this many seconds;",
+            "## until then quorum-queue clients on the other nodes wait for it.",
+            f"net_ticktime = {net_ticktime}",
+            "",
+        ]
     if parsed < _NO_PARTITION_HANDLING_FROM:
         lines += [
             "## Network partitions: the minority side pauses instead of serving a split brain.",

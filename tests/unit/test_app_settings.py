@@ -52,6 +52,10 @@ def test_no_loss_settings() -> None:
     assert conf["broker_heartbeat"] == 10
     assert conf["broker_channel_error_retry"] is True
     assert conf["worker_detect_quorum_queues"] is True
+    # No pidbox queue to be locked on a lost node (see celery_config).
+    assert conf["worker_enable_remote_control"] is False
+    on = celery_config(WorkerSettings.from_env(env(CELERY_REMOTE_CONTROL="1")))
+    assert on["worker_enable_remote_control"] is True
 
 
 def test_quorum_queue_on_topic_exchange() -> None:
@@ -179,6 +183,7 @@ def test_single_url_is_fine() -> None:
         ({"CELERY_PUBLISH_RETRY_SECONDS": "nan"}, "CELERY_PUBLISH_RETRY_SECONDS", "nan"),
         ({"CELERY_PUBLISH_RETRY_SECONDS": "1e9"}, "CELERY_PUBLISH_RETRY_SECONDS", "1e9"),
         ({"CELERY_PUBLISH_RETRY_SECONDS": "soon"}, "CELERY_PUBLISH_RETRY_SECONDS", "soon"),
+        ({"CELERY_REMOTE_CONTROL": "yes"}, "CELERY_REMOTE_CONTROL", "yes"),
     ],
 )
 def test_bad_values_name_var_value_and_allowed(
@@ -238,6 +243,7 @@ def test_bad_broker_urls_are_rejected_without_leaking_passwords(raw: str) -> Non
             concurrency=1,
             heartbeat=30,
             publish_retry_seconds=1.0,
+            remote_control=True,
         ),
     ],
 )

@@ -130,6 +130,9 @@ def test_existing_target_needs_no_gcp_project() -> None:
         ("celery-cluster:gke", ["controlPlane"], "public", "'dns', 'ip'"),
         ("celery-cluster:gke", ["authorizedNetworks"], "10.0.0.0/8", "a list"),
         ("celery-cluster:workers", ["pool"], "gevent", "'threads', 'prefork', 'solo'"),
+        ("celery-cluster:rabbitmq", ["netTicktimeSeconds"], 2, "an integer from 5 to 120"),
+        ("celery-cluster:rabbitmq", ["netTicktimeSeconds"], 600, "an integer from 5 to 120"),
+        ("celery-cluster:rabbitmq", ["netTicktimeSeconds"], "10", "an integer"),
         ("celery-cluster:workers", ["resources", "memoryRequest"], "lots", "Kubernetes quantity"),
     ],
 )

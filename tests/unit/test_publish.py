@@ -15,7 +15,9 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
+import celery
 import pytest
 from celery import Celery
 from click.testing import CliRunner
@@ -23,7 +25,7 @@ from kombu.exceptions import OperationalError
 
 from app import ledger
 from app.publish import BudgetedTask, PublishBudgetExceeded, publish_with_budget
-from app.settings import WorkerSettings, celery_config
+from app.settings import PUBLISH_CONFIRM_TIMEOUT_SECONDS, WorkerSettings, celery_config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CELERY_BIN = Path(sys.executable).with_name("celery")
@@ -173,6 +175,35 @@ def test_real_kombu_publish_retries_for_the_budget_then_raises(
     assert "s3cret" not in text
     with contextlib.suppress(Exception):
         app.close()
+
+
+def test_a_publish_waits_for_its_confirm_a_bounded_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node whose machine vanished never confirms: the publish must give up waiting
+    (and be retried via the next node) instead of blocking until the node is replaced."""
+    seen: list[dict[str, Any]] = []
+
+    def recording_apply_async(self: Any, *args: Any, **options: Any) -> str:
+        seen.append(options)
+        return "sent"
+
+    monkeypatch.setattr(celery.Task, "apply_async", recording_apply_async)
+    settings = WorkerSettings.from_env({"CELERY_BROKER_URLS": DEAD_URLS, "HOSTNAME": "h"})
+    app = Celery("confirm-timeout-test", task_cls=BudgetedTask, set_as_current=False)
+    app.conf.update(celery_config(settings))
+
+    @app.task(name="confirm.noop")
+    def noop() -> None:  # pragma: no cover - never runs
+        pass
+
+    with contextlib.ExitStack() as stack:
+        stack.callback(app.close)
+        stack.enter_context(
+            mock.patch.object(app, "producer_or_acquire", return_value=contextlib.nullcontext())
+        )
+        assert noop.apply_async(task_id="t1") == "sent"
+        assert noop.apply_async(task_id="t2", confirm_timeout=1.0) == "sent"
+    assert seen[0]["confirm_timeout"] == PUBLISH_CONFIRM_TIMEOUT_SECONDS == 5.0
+    assert seen[1]["confirm_timeout"] == 1.0  # a caller's own choice is kept
 
 
 # --- the scheduler ---------------------------------------------------------------------

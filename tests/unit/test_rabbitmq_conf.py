@@ -173,6 +173,8 @@ def test_listeners_and_limits() -> None:
         {"amqp_port": 15672},  # same as the management port
         {"disk_free_limit": "2 GB # lots"},
         {"definitions_path": "definitions.json"},
+        {"net_ticktime": 0},
+        {"net_ticktime": True},
     ],
 )
 def test_bad_arguments_raise(kwargs: dict[str, object]) -> None:
@@ -381,3 +383,8 @@ def test_disk_free_limit_in_bytes() -> None:
 @pytest.mark.parametrize(("version", "api"), [("3.13.7", True), ("4.0.9", True), ("4.1.0", False)])
 def test_kubernetes_api_only_before_the_rewritten_plugin(version: str, api: bool) -> None:
     assert needs_kubernetes_api(version) is api
+
+
+def test_net_ticktime_only_when_asked() -> None:
+    assert "net_ticktime" not in settings(rabbitmq_conf("4.3.6", K8S))
+    assert settings(rabbitmq_conf("4.3.6", K8S, net_ticktime=10))["net_ticktime"] == "10"
