@@ -1,91 +1,128 @@
-"""``python -m bench`` (``make bench``): the article's configuration against ours, side by side.
+"""``python -m bench`` (``make bench``): the article's configuration against ours, on pods.
 
-One real 3-node RabbitMQ 3.10.8 cluster on 127.0.0.1 (:class:`LocalRabbitCluster`,
-configured by ``components.rabbitmq_conf`` as shipped), two configurations, each in
-its own vhost so they never share a queue or a policy:
+Two pod twins (:class:`localcluster.twin.StatefulSetTwin`) of the prod stack, the
+program's own rendered StatefulSet, Deployment and Secrets run as pods here:
 
-* ``article``: vhost ``article`` with the article's policy, set with ``rabbitmqctl
-  set_policy -p article ha-all ".*" '{"ha-mode":"all","ha-sync-mode":"automatic"}'``
-  (classic queues mirrored to every node), and ``bench.article_app``: Celery's
-  defaults but the broker URL list (early ack, prefetch x4, no publisher confirms,
-  classic ``celery`` queue on a direct exchange, URL list not rotated), prefork pool
-  with Celery's default concurrency (one process per CPU);
-* ``ours``: the definitions' vhost (its quorum-queue delivery-limit policy) and
-  ``app.celery``, i.e. exactly ``celery_config(WorkerSettings.from_env(...))``
-  with the shipped defaults (quorum queue, late ack, prefetch 1, confirms, threads
-  pool and its default concurrency, URL list rotated per worker).
+* ``article``: the stack with its RabbitMQ image set to 3.10.8 (``rabbitmq.image``, as
+  ``pulumi config set`` would; the newest RabbitMQ with classic mirroring, which 4.0
+  removed), pods on the bookworm root (:data:`localcluster.rootfs.RABBITMQ_3_10`).
+  Vhost ``article`` with the article's policy, set with ``rabbitmqctl set_policy -p
+  article ha-all ".*" '{"ha-mode":"all","ha-sync-mode":"automatic"}'``, and
+  ``bench.article_app``: Celery's defaults but the broker URL list (early ack, prefetch
+  x4, no publisher confirms, classic ``celery`` queue on a direct exchange, URL list not
+  rotated), prefork pool with Celery's default concurrency (one process per CPU). Its
+  workers are the Deployment's pods with the article's command (see
+  :data:`BENCH_ADAPTATIONS`);
+* ``ours``: the stack as shipped, RabbitMQ 4.3.6 pods, the definitions' vhost (its
+  quorum-queue delivery-limit policy), and the worker Deployment's pods exactly as
+  rendered (``app.celery``: quorum queue, late ack, prefetch 1, confirms, the threads
+  pool at the stack's concurrency, URL list rotated per pod).
 
-Each run, for each configuration (runs interleave the two, so a load spike on a
-shared machine hits both): one set of 3 workers, and in order
+Both twins are up for the whole bench and the runs interleave (article, ours,
+article, ...): a load spike on this shared machine then hits both sides, where one
+twin after the other would put every spike on one side. The price is the idle twin's
+RabbitMQ pods running beside the measured one; the CPU seconds they used are recorded
+per run (``idle_twin_cpu_s``) so that price is visible, not assumed.
 
-1. ``publish``: one producer publishes ``--publish-tasks`` no-op tasks while no
-   worker consumes (the 3 workers are up, told to cancel their consumer through
-   Celery's remote control): publish rate (tasks/s, the producer's loop); then as
-   many again with publisher confirms switched (on for the article, off for
-   ours), the only change, to show what confirms cost;
-2. ``drain``: the 3 workers are told to consume again, all at once: drain rate
-   (tasks / seconds from that moment to the last completion) over both batches;
-3. ``sleep``: the article's workload shape: ``--sleep-tasks`` tasks sleeping
-   ``--sleep-seconds`` each, published to the idle workers: time from the first
-   publish to the last completion, against ``tasks x seconds / slots``;
+Each run, for each configuration: 3 worker pods, and in order
+
+1. ``publish``: one publisher pod (``python -m bench.publish``) publishes
+   ``--publish-tasks`` no-op tasks while no worker consumes (the workers are up, told
+   to cancel their consumer through Celery's remote control): publish rate; then as
+   many again with publisher confirms switched (on for the article, off for ours);
+2. ``drain``: the workers are told to consume again, all at once: drain rate;
+3. ``sleep``: ``--sleep-tasks`` tasks sleeping ``--sleep-seconds`` each, published to
+   the idle workers: time from the first publish to the last completion, against
+   ``tasks x seconds / slots``;
 4. ``failover``: ``--failover-tasks`` short tasks published at ``--failover-rate``;
-   once ``--fault-at`` of them completed, SIGKILL of the RabbitMQ node worker
-   ``w0`` is connected to, restarted ``--down-seconds`` later: tasks lost
-   (published ids that never completed), duplicate executions, failover gap
-   (longest stretch without a completion).
+   once ``--fault-at`` of them completed, the RabbitMQ pod worker pod 0 is connected
+   to is SIGKILLed (every process of the pod), and a new pod is started on its PVC
+   directory ``--down-seconds`` later: tasks lost, duplicate executions, failover gap.
 
-Every process started (RabbitMQ nodes, epmd, workers, publishers) is stopped by
-PID on success, failure, Ctrl-C or SIGTERM.  Writes ``results.json`` and
-``bench.png`` to ``--out`` and prints the table.  Exit status: 0 when every
-phase ran (tasks lost by the article's configuration are a result, not an
-error), 2 on an error, 130 when interrupted.
+The bench itself (remote control, queue checks, reading the ledger) runs on this
+host and reaches the pods by address. Every pod, network namespace, bridge, cgroup
+and directory of both twins is removed on success, failure, Ctrl-C or SIGTERM, and
+checked (``StatefulSetTwin.leftovers``). Writes ``results.json`` and ``bench.png`` to
+``--out`` and prints the table. Exit status: 0 when every phase ran (tasks lost by the
+article's configuration are a result, not an error), 2 on an error, 130 when
+interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import logging
 import math
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import threading
 import time
-import traceback
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from celery import Celery
 from kombu import Connection
 
 from app import ledger
-from app.settings import ENV_BROKER_ROTATION, ENV_BROKER_URLS, ENV_HOSTNAME, WorkerSettings
+from app.settings import (
+    ENV_BROKER_ROTATION,
+    ENV_BROKER_URLS,
+    ENV_HOSTNAME,
+    ENV_REMOTE_CONTROL,
+    WorkerSettings,
+)
 from bench.results import CONFIG_KEYS, build_results, format_table, plot_results
+from localcluster import pods, rootfs, twin
 from localcluster.cli_types import fraction, non_negative_float, positive_float, positive_int
-from localcluster.rabbit import ClusterError, LocalRabbitCluster, marked_pids
+from localcluster.console import Console, run_guarded
 from localcluster.report import LedgerTail, longest_gap, read_events
-from localcluster.sockets import connected_nodes
-from localcluster.workers import REPO_ROOT, Workers
+from localcluster.sockets import established_endpoints
+from tools.mockrun import stack_config
 
 log = logging.getLogger("bench")
 
-NODES = 3
-WORKERS = 3
+STACK = "prod"
+AMQP_PORT = 5672
+WORKERS = 3  # the prod stack's worker replicas; checked against the Deployment
 ARTICLE_VHOST = "article"
 HA_ALL_POLICY = '{"ha-mode":"all","ha-sync-mode":"automatic"}'
 COUNT_STEPS = 10  # app.tasks.count sleeps 10 x step_seconds
+#: The article's RabbitMQ: the version the 3.10 root filesystem pins (one source).
+ARTICLE_RABBITMQ_IMAGE = f"rabbitmq:{rootfs.RABBITMQ_3_10.upstream_version}-management"
+#: The article's worker command (its `celery -A tasks worker`, with our task module).
+ARTICLE_WORKER_COMMAND = ("celery", "--app=bench.article_app", "worker", "--loglevel=INFO")
+PUBLISHER_POD = "bench-publisher"
 
-
-class Interrupted(Exception):
-    """SIGINT, SIGTERM or SIGHUP: stop everything, write what was measured."""
+#: What the bench changes on top of the twin's own adaptations (twin.ADAPTATIONS),
+#: carried in results.json.
+BENCH_ADAPTATIONS = {
+    "article RabbitMQ image": f"the prod stack with rabbitmq.image = {ARTICLE_RABBITMQ_IMAGE} "
+    "(the article's side needs classic mirroring, removed in 4.0); everything else as "
+    "the stack renders it for that version",
+    "article workers": "the worker Deployment's pods (same image, limits, security "
+    "context, env) with the article's command "
+    f"`{' '.join(ARTICLE_WORKER_COMMAND)}` (prefork, Celery's default concurrency), "
+    "without the Deployment's readiness and liveness probes (the article had none, and "
+    "they read a heartbeat file only our app writes), CELERY_BROKER_URLS pointing at "
+    "the `article` vhost",
+    "article vhost and policy": "vhost `article`, the app user's permissions on it and "
+    "the article's ha-all policy, made with rabbitmqctl in pod 0 after boot",
+    "publisher pods": "`python -m bench.publish` runs as a pod of the worker Deployment's "
+    "template (image, env, limits), restartPolicy Never, no probes, "
+    "CELERY_BROKER_ROTATION=0 (both sides' producer on pod 0 first)",
+    "measurement env": "TASK_LEDGER on the twin's shared directory (each execution's "
+    "start and finish), read by the bench on this host",
+    "bench on the host": "remote control (cancel/add consumer), queue checks and the "
+    "ledger reading run on this host, reaching the pods by address",
+}
 
 
 @dataclass(frozen=True)
@@ -99,7 +136,6 @@ class Config:
     queue: str
     pool: str
     concurrency: int
-    heartbeat: int
     settings: dict[str, Any]  # what differs, for results.json
 
 
@@ -107,6 +143,7 @@ def article_config() -> Config:
     """The article: Celery's defaults (read from Celery, not restated)."""
     from celery.app.defaults import DEFAULTS
 
+    # A worker pod sees this machine's CPUs (a CPU limit does not change the count).
     concurrency = DEFAULTS["worker_concurrency"] or os.cpu_count() or 1
     return Config(
         key="article",
@@ -116,9 +153,9 @@ def article_config() -> Config:
         queue=DEFAULTS["task_default_queue"],
         pool=DEFAULTS["worker_pool"],
         concurrency=concurrency,
-        heartbeat=DEFAULTS["broker_heartbeat"],
         settings={
             "celery_app": "bench.article_app (Celery('tasks', broker=URL list))",
+            "worker_command": " ".join(ARTICLE_WORKER_COMMAND),
             "policy": f"ha-all '.*' {HA_ALL_POLICY}",
             "queue_type": DEFAULTS["task_default_queue_type"],
             "exchange_type": DEFAULTS["task_default_exchange_type"],
@@ -127,7 +164,7 @@ def article_config() -> Config:
             "confirm_publish": False,
             "task_publish_retry_policy": DEFAULTS["task_publish_retry_policy"],
             "publish_retry_seconds": None,  # Celery's default policy only
-            "broker_url_order": "as listed (rmq0 first for every process)",
+            "broker_url_order": "as listed (pod 0 first for every process)",
             "broker_heartbeat": DEFAULTS["broker_heartbeat"],
             "pool": DEFAULTS["worker_pool"],
             "concurrency": concurrency,
@@ -136,23 +173,23 @@ def article_config() -> Config:
     )
 
 
-def ours_config(cluster_vhost: str, urls: list[str]) -> Config:
-    """This project: exactly what app.celery loads from the shipped defaults."""
+def ours_config(pod_env: Mapping[str, str], command: Sequence[str]) -> Config:
+    """This project as shipped: what ``app.celery`` loads in the Deployment's pod 0."""
     from app.settings import celery_config
 
-    shipped = WorkerSettings.from_env({ENV_BROKER_URLS: ",".join(urls), ENV_HOSTNAME: "w0"})
+    shipped = WorkerSettings.from_env(pod_env)
     conf = celery_config(shipped)
     return Config(
         key="ours",
         title="ours (quorum queue, app/settings.py)",
         app="app.celery",
-        vhost=cluster_vhost,
+        vhost=urlsplit(shipped.broker_urls[0]).path.lstrip("/"),
         queue=shipped.queue,
         pool=shipped.pool,
         concurrency=shipped.concurrency,
-        heartbeat=shipped.heartbeat,
         settings={
             "celery_app": "app.celery (celery_config(WorkerSettings.from_env()))",
+            "worker_command": " ".join(command),
             "policy": "quorum-delivery-limit (components/rabbitmq_conf.py definitions)",
             "queue_type": conf["task_default_queue_type"],
             "exchange_type": conf["task_default_exchange_type"],
@@ -161,22 +198,99 @@ def ours_config(cluster_vhost: str, urls: list[str]) -> Config:
             "confirm_publish": conf["broker_transport_options"].get("confirm_publish", False),
             "task_publish_retry_policy": conf["task_publish_retry_policy"],
             "publish_retry_seconds": shipped.publish_retry_seconds,
-            "broker_url_order": f"rotated per worker ({ENV_BROKER_ROTATION} = worker index)",
+            "broker_url_order": f"rotated per pod ({ENV_BROKER_ROTATION} unset: by hostname)",
             "broker_heartbeat": conf["broker_heartbeat"],
             "pool": conf["worker_pool"],
             "concurrency": conf["worker_concurrency"],
-            "concurrency_note": "app.settings default for the threads pool",
+            "concurrency_note": "the prod stack's workers.concurrency (the Deployment's env)",
         },
     )
 
 
+def vhost_urls(urls: Sequence[str], vhost: str) -> list[str]:
+    """The URLs with another vhost."""
+    return [u.rsplit("/", 1)[0] + "/" + quote(vhost, safe="") for u in urls]
+
+
+def without_probes(workload: Mapping[str, Any], command: Sequence[str] | None) -> dict[str, Any]:
+    """A copy of a Deployment with its container's probes removed (and its command
+    replaced, if given): the article's worker, or the publisher."""
+    changed = copy.deepcopy(dict(workload))
+    (container,) = changed["spec"]["template"]["spec"]["containers"]
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        container.pop(probe, None)
+    if command is not None:
+        container["command"] = list(command)
+        container.pop("args", None)
+    return changed
+
+
+def cpu_ticks(pids: Sequence[int]) -> dict[int, int]:
+    """User + system CPU ticks of each of these processes so far (/proc/<pid>/stat)."""
+    ticks = {}
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        ticks[pid] = int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks
+
+
+def cpu_seconds_since(before: Mapping[int, int], after: Mapping[int, int]) -> float:
+    """CPU seconds the processes alive at ``after`` used since ``before`` (a process that
+    exited in between, a probe's, is not counted: a slight undercount)."""
+    ticks = sum(t - before.get(pid, 0) for pid, t in after.items())
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _f(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+@dataclass
+class Side:
+    """One configuration on its own twin: the RabbitMQ pods, the URLs, the workers."""
+
+    config: Config
+    twin: twin.StatefulSetTwin
+    pod_urls: list[str]  # what the pods use (the pods' DNS names)
+    host_urls: list[str]  # what the bench on this host uses (the pods' addresses)
+    worker_env: dict[str, str]  # extra env of worker and publisher pods
+    worker_workload: dict[str, Any] | None  # None: the Deployment as rendered
+    boot: dict[str, Any] = field(default_factory=dict)
+    workers: list[pods.Pod] = field(default_factory=list)
+
+    def pod(self, ordinal: int) -> pods.Pod:
+        return self.twin.pods[self.twin.pod_names[ordinal]]
+
+    def rabbit_pids(self) -> list[int]:
+        return [p for pod in self.twin.pods.values() for p in pod.pids()]
+
+    def info(self) -> dict[str, Any]:
+        """The twin's identity for results.json."""
+        spec = rootfs.for_version(self.twin.version)
+        return {
+            "stack": self.twin.stack,
+            "run_id": self.twin.run_id,
+            "rabbitmq_image": self.twin.statefulset["spec"]["template"]["spec"]["containers"][0][
+                "image"
+            ],
+            "root": spec.describe(),
+            "erlang": spec.pins.get("erlang-base"),
+            "adaptations": self.twin.adaptations,
+            **self.boot,
+        }
+
+
 @dataclass
 class Publisher:
-    """A ``python -m bench.publish`` process and its files."""
+    """A ``python -m bench.publish`` pod and its files (on the twin's shared directory)."""
 
     name: str
     workdir: Path
-    proc: subprocess.Popen[bytes] | None = None
+    pod: pods.Pod | None = None
 
     @property
     def ids_file(self) -> Path:
@@ -186,67 +300,28 @@ class Publisher:
     def result_file(self) -> Path:
         return self.workdir / f"{self.name}.json"
 
-    @property
-    def log_file(self) -> Path:
-        return self.workdir / f"{self.name}-publisher.log"
-
     def ids(self) -> list[str]:
-        """Ids published so far (all of them once the process exited)."""
+        """Ids published so far (all of them once the pod exited)."""
         return ledger.read_ids(self.ids_file) if self.ids_file.exists() else []
-
-
-def vhost_urls(urls: list[str], vhost: str) -> list[str]:
-    """The cluster's URLs with another vhost."""
-    return [u.rsplit("/", 1)[0] + "/" + quote(vhost, safe="") for u in urls]
 
 
 # --------------------------------------------------------------------- the bench
 class Bench:
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, console: Console) -> None:
         self.args = args
+        self.console = console
         self.out = Path(args.out)
         self.logs = self.out / "logs"
-        self.cluster: LocalRabbitCluster | None = None
-        self.workers: Workers | None = None
-        self.publishers: list[subprocess.Popen[bytes]] = []
-        self.configs: dict[str, Config] = {}
-        self.urls: dict[str, list[str]] = {}
+        self.sides: dict[str, Side] = {}
+        self.opened: dict[str, twin.StatefulSetTwin] = {}  # every twin made, to close
         self.runs: dict[str, list[dict[str, Any]]] = {k: [] for k in CONFIG_KEYS}
         self.checks: dict[str, Any] = {}
         self.timings: dict[str, float] = {}
-        self.seen_pids: set[int] = set()
-        self.status_line: Callable[[], str] | None = None
-        self._stop = threading.Event()
-        self._progress: threading.Thread | None = None
-        self._tty = sys.stderr.isatty()
+        self.versions: dict[str, str] = {}
+        self.twins: dict[str, dict[str, Any]] = {}
 
-    # ------------------------------------------------------------------ output
     def say(self, message: str) -> None:
-        prefix = "\r\x1b[K" if self._tty else ""
-        print(f"{prefix}[bench] {message}", file=sys.stderr, flush=True)
-
-    def _progress_loop(self) -> None:
-        every = 1.0 if self._tty else 5.0
-        while not self._stop.wait(every):
-            line = self.status_line
-            if line is None:
-                continue
-            try:
-                text = line()
-                self.snapshot_pids()
-            except Exception as exc:  # the display must never kill the run
-                text = f"(progress unavailable: {exc!r})"
-            if self._tty:
-                print(f"\r\x1b[K        {text}", end="", file=sys.stderr, flush=True)
-            else:
-                print(f"        {text}", file=sys.stderr, flush=True)
-
-    def snapshot_pids(self) -> None:
-        if self.cluster is not None:
-            self.seen_pids.update(self.cluster.pids())
-        if self.workers is not None:
-            self.seen_pids.update(w.pid for w in self.workers.procs)
-        self.seen_pids.update(p.pid for p in self.publishers)
+        self.console.say(message)
 
     # ------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -256,31 +331,111 @@ class Bench:
         for name in ("results.json", "bench.png"):
             with contextlib.suppress(FileNotFoundError):
                 (self.out / name).unlink()
-        self._progress = threading.Thread(target=self._progress_loop, daemon=True)
-        self._progress.start()
-        self.say(f"booting a {NODES}-node RabbitMQ cluster on 127.0.0.1")
+        base = stack_config(STACK)["celery-cluster:rabbitmq"]
         t0 = time.monotonic()
-        self.cluster = LocalRabbitCluster(size=NODES)
-        self.cluster.start()
-        self.snapshot_pids()
-        self.timings["cluster_boot_s"] = round(time.monotonic() - t0, 2)
-        self.say(f"RabbitMQ {self.cluster.version} clustered in {self.timings['cluster_boot_s']} s")
-        # The article's vhost, its user permissions and ha-all policy: cheaper than
-        # a second cluster (a few rabbitmqctl calls vs. a ~20 s boot, both recorded).
+        # The article's twin first; its pods boot while ours is rendered (the render
+        # runs the Pulumi program under mocks: ~20-40 s here, most of the setup).
+        self.say(f"rendering the {STACK} stack with {ARTICLE_RABBITMQ_IMAGE} (the article's)")
+        article = twin.StatefulSetTwin(
+            STACK, overrides={"celery-cluster:rabbitmq": {**base, "image": ARTICLE_RABBITMQ_IMAGE}}
+        )
+        self.opened["article"] = article  # closed whatever happens next
+        self.sides["article"] = self._article_side(article)
+        self.sides["article"].boot["render_s"] = round(time.monotonic() - t0, 2)
+        self._start_pods(self.sides["article"])
+        self.say(f"rendering the {STACK} stack as shipped (ours)")
         t0 = time.monotonic()
-        c = self.cluster
-        c.rabbitmqctl(0, "add_vhost", ARTICLE_VHOST)
-        c.rabbitmqctl(0, "set_permissions", "-p", ARTICLE_VHOST, c.username, ".*", ".*", ".*")
-        c.rabbitmqctl(0, "set_policy", "-p", ARTICLE_VHOST, "ha-all", ".*", HA_ALL_POLICY)
-        self.timings["article_vhost_setup_s"] = round(time.monotonic() - t0, 2)
-        took = self.timings["article_vhost_setup_s"]
-        self.say(f"vhost '{ARTICLE_VHOST}' with the ha-all policy in {took} s")
-        ours_urls = c.broker_urls()
-        self.configs = {"article": article_config(), "ours": ours_config(c.vhost, ours_urls)}
-        self.urls = {
-            "article": vhost_urls(ours_urls, ARTICLE_VHOST),
-            "ours": ours_urls,
-        }
+        ours = twin.StatefulSetTwin(STACK)
+        self.opened["ours"] = ours
+        self.sides["ours"] = self._ours_side(ours)
+        self.sides["ours"].boot["render_s"] = round(time.monotonic() - t0, 2)
+        self._start_pods(self.sides["ours"])
+        article_side = self.sides["article"]
+        self._wait_clustered(article_side)
+        # The article's vhost, the app user's permissions and the ha-all policy (while
+        # ours is still booting: three CLI calls of a few seconds each).
+        t0 = time.monotonic()
+        user = urlsplit(article_side.pod_urls[0]).username or ""
+        article.rabbitmqctl(0, "add_vhost", ARTICLE_VHOST)
+        article.rabbitmqctl(0, "set_permissions", "-p", ARTICLE_VHOST, user, ".*", ".*", ".*")
+        article.rabbitmqctl(0, "set_policy", "-p", ARTICLE_VHOST, "ha-all", ".*", HA_ALL_POLICY)
+        article_side.boot["article_vhost_setup_s"] = round(time.monotonic() - t0, 2)
+        self._wait_clustered(self.sides["ours"])
+        for key, side in self.sides.items():
+            self.twins[key] = side.info()
+            self.timings[f"{key}_clustered_s"] = side.boot["clustered_s"]
+
+    def _article_side(self, cluster: twin.StatefulSetTwin) -> Side:
+        pod_urls = vhost_urls(cluster.broker_urls(), ARTICLE_VHOST)
+        workload = without_probes(cluster.deployment, ARTICLE_WORKER_COMMAND)
+        return Side(
+            config=article_config(),
+            twin=cluster,
+            pod_urls=pod_urls,
+            host_urls=vhost_urls(cluster.broker_urls(by_address=True), ARTICLE_VHOST),
+            worker_env={ENV_BROKER_URLS: ",".join(pod_urls)},
+            worker_workload=workload,
+        )
+
+    def _ours_side(self, cluster: twin.StatefulSetTwin) -> Side:
+        deployment = cluster.deployment
+        replicas = int(deployment["spec"]["replicas"])
+        if replicas != WORKERS:
+            raise twin.TwinError(
+                f"stack {STACK}: the worker Deployment has {replicas} replicas, the bench "
+                f"compares {WORKERS} workers a side"
+            )
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        first = cluster.worker_names()[0]
+        env = twin.container_env(
+            container, first, deployment["metadata"]["namespace"], cluster.rendered
+        )
+        return Side(
+            config=ours_config({**env, ENV_HOSTNAME: first}, container["command"]),
+            twin=cluster,
+            pod_urls=cluster.broker_urls(),
+            host_urls=cluster.broker_urls(by_address=True),
+            # The bench pauses and resumes consumers by remote control, which the
+            # shipped workers have off (app/settings.py: a lost node would lock their
+            # pidbox queue): on for the bench's own workers only.
+            worker_env={ENV_REMOTE_CONTROL: "1"},
+            worker_workload=None,
+        )
+
+    def _start_pods(self, side: Side) -> None:
+        # Reserve this twin's subnet now: the next twin picks the first /24 whose
+        # bridge does not exist yet.
+        side.twin.network.open()
+        side.boot["started_at"] = time.monotonic()
+        for ordinal in range(len(side.twin.pod_names)):
+            side.twin.start_pod(ordinal)
+
+    def _wait_clustered(self, side: Side, timeout: float = 300) -> None:
+        key = side.config.key
+        ready = side.twin.wait_ready(timeout)
+        side.boot["pods_ready_s"] = {name: round(s, 2) for name, s in ready.items()}
+        self.wait_whole(side, timeout)
+        side.boot["clustered_s"] = round(time.monotonic() - side.boot.pop("started_at"), 2)
+        self.versions[key] = side.twin.rabbitmqctl(0, "version").strip()
+        self.say(
+            f"{key}: RabbitMQ {self.versions[key]}, {len(side.twin.pod_names)} pods clustered "
+            f"{side.boot['clustered_s']} s after their start (twin {side.twin.run_id})"
+        )
+
+    def wait_whole(self, side: Side, timeout: float) -> None:
+        """Until every pod lists every node as running."""
+        n = len(side.twin.pod_names)
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(twin.TwinError, pods.PodError, OSError, ValueError):
+                if all(len(side.twin.running_nodes(i)) == n for i in range(n)):
+                    return
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{side.config.key}: the RabbitMQ pods did not form one cluster in "
+                    f"{timeout:.0f} s"
+                )
+            time.sleep(1)
 
     # -------------------------------------------------------------------- runs
     def execute(self) -> None:
@@ -288,46 +443,70 @@ class Bench:
         total = self.args.runs
         for run in range(1, total + 1):
             for key in CONFIG_KEYS:
-                self.runs[key].append(self.one_run(self.configs[key], run, total))
+                self.runs[key].append(self.one_run(self.sides[key], run, total))
 
-    def one_run(self, cfg: Config, run: int, total: int) -> dict[str, Any]:
+    def _python_pod(
+        self, side: Side, workload: Mapping[str, Any], name: str, env: Mapping[str, str]
+    ) -> pods.Pod:
+        """A pod of ``workload`` on the side's twin (removed by the twin's close too)."""
+        cluster = side.twin
+        files = cluster.files(name)
+        spec = twin.python_pod(cluster.rendered, workload, name, files, cluster.hosts, env)
+        pod = pods.Pod(spec, cluster.network, files.pod_dir)
+        cluster.extra_pods[name] = pod
+        pod.start()
+        return pod
+
+    def start_workers(self, side: Side, env: Mapping[str, str]) -> None:
+        for name in side.twin.worker_names():
+            if side.worker_workload is None:  # ours: the Deployment's pod as rendered
+                pod = side.twin.start_worker(name, env)
+            else:
+                pod = self._python_pod(side, side.worker_workload, name, env)
+            side.workers.append(pod)
+
+    def remove_pod(self, side: Side, name: str, workdir: Path) -> None:
+        """Delete a worker or publisher pod, its log kept in the run's log directory."""
+        pod = side.twin.extra_pods.pop(name, None)
+        if pod is None:
+            return
+        with contextlib.suppress(OSError):
+            shutil.copyfile(pod.log_file(), workdir / f"{name}.log")
+        pod.remove()
+
+    def one_run(self, side: Side, run: int, total: int) -> dict[str, Any]:
         args = self.args
-        assert self.cluster is not None
+        cfg = side.config
         where = f"run {run}/{total} {cfg.key}"
+        shared = side.twin.shared_dir(f"run{run}")
         workdir = self.logs / f"run{run}-{cfg.key}"
+        workdir.mkdir(parents=True, exist_ok=True)
         result: dict[str, Any] = {"run": run}
-        self.workers = Workers(
-            self.urls[cfg.key],
-            cfg.queue,
-            ledger=workdir / "ledger.jsonl",
-            workdir=workdir,
-            concurrency=cfg.concurrency,
-            pool=cfg.pool,
-            heartbeat=cfg.heartbeat,
-            app=cfg.app,
-        )
-        tail = LedgerTail(workdir / "ledger.jsonl")
+        tail = LedgerTail(shared / "ledger.jsonl")
+        other = [s for k, s in self.sides.items() if k != cfg.key]
+        idle_before = cpu_ticks([p for s in other for p in s.rabbit_pids()])
+        started = time.monotonic()
+        env = {**side.worker_env, "TASK_LEDGER": str(tail.path)}
         try:
-            self.delete_queue(cfg)
+            self.delete_queue(side)
             # The workers first, told to stop consuming: publishing meets no consumer,
-            # and the drain starts on all three at once (a worker that boots later
-            # than the others would otherwise drain alone for a while).
-            self.say(f"{where}: start {WORKERS} workers ({cfg.pool} x {cfg.concurrency})")
+            # and the drain starts on all three at once.
+            self.say(f"{where}: start {WORKERS} worker pods ({cfg.pool} x {cfg.concurrency})")
             t0 = time.monotonic()
-            self.workers.start_many([f"w{i}" for i in range(WORKERS)], timeout=120)
-            self.snapshot_pids()
+            self.start_workers(side, env)
+            self.wait_consumers(side, WORKERS, args.timeout)
             result["workers_ready_s"] = round(time.monotonic() - t0, 2)
-            self.set_consuming(cfg, False)
+            self.set_consuming(side, False)
 
             # 1. publish, nobody consuming
             self.say(f"{where}: publish {args.publish_tasks} no-op tasks, no worker consuming")
-            pub = self.publish(cfg, "publish", args.publish_tasks, 0.0, 0.0, workdir, where)
+            pub = self.publish(side, "publish", args.publish_tasks, 0.0, 0.0, shared, where)
             ids = set(pub["ids"])
             result["publish"] = {k: v for k, v in pub.items() if k != "ids"}
             result["publish_rate"] = pub["rate"]
-            result["publish"]["queue_depth"] = self.queue_depth(cfg, len(ids))
+            result["publish"]["queue_depth"] = self.queue_depth(side, len(ids))
             if run == 1:
-                self.checks[cfg.key] = self.check_queue(cfg)
+                self.checks[cfg.key] = self.check_queue(side)
             # The same with publisher confirms switched (and nothing else): what
             # they cost, apart from the queue type.
             toggled = "on" if not cfg.settings["confirm_publish"] else "off"
@@ -335,18 +514,18 @@ class Bench:
                 f"{where}: publish {args.publish_tasks} more with publisher confirms {toggled}"
             )
             pub2 = self.publish(
-                cfg, "publish-toggled", args.publish_tasks, 0.0, 0.0, workdir, where, toggled
+                side, "publish-toggled", args.publish_tasks, 0.0, 0.0, shared, where, toggled
             )
             result["publish_toggled"] = {k: v for k, v in pub2.items() if k != "ids"}
             result["publish_rate_confirms_toggled"] = pub2["rate"]
             ids |= set(pub2["ids"])
-            result["publish_toggled"]["queue_depth"] = self.queue_depth(cfg, len(ids))
+            result["publish_toggled"]["queue_depth"] = self.queue_depth(side, len(ids))
 
-            # 2. drain: the 3 workers on the full queue
+            # 2. drain: the workers on the full queue
             self.say(f"{where}: drain: {WORKERS} workers consume again")
-            self.status_line = lambda: self._line(where, "drain", tail, ids)
+            self.console.show(lambda: self._line(side, where, "drain", tail, ids))
             drain_from = time.time()
-            self.set_consuming(cfg, True)
+            self.set_consuming(side, True)
             self.wait_all(tail, ids, args.timeout, f"{where} drain")
             events = read_events(tail.path)
             last = max(e.ts for e in events if e.event == ledger.FINISH and e.task_id in ids)
@@ -361,9 +540,9 @@ class Bench:
                 f"(ideal {ideal:.2f} s)"
             )
             step = args.sleep_seconds / COUNT_STEPS
-            sleep_pub = self.start_publisher(cfg, "sleep", args.sleep_tasks, step, 0.0, workdir)
-            self.status_line = lambda: self._line(where, "sleep", tail, set(sleep_pub.ids()))
-            sleep_done = self.finish_publish(sleep_pub, where)
+            sleep_pub = self.start_publisher(side, "sleep", args.sleep_tasks, step, 0.0, shared)
+            self.console.show(lambda: self._line(side, where, "sleep", tail, set(sleep_pub.ids())))
+            sleep_done = self.finish_publish(side, sleep_pub, where)
             sleep_ids = set(sleep_done["ids"])
             self.wait_all(tail, sleep_ids, args.timeout + ideal, f"{where} sleep")
             events = read_events(tail.path)
@@ -386,44 +565,58 @@ class Bench:
             }
 
             # 4. failover
-            result["failover"] = self.failover(cfg, workdir, tail, where)
+            result["failover"] = self.failover(side, shared, tail, where)
             for key in ("lost", "duplicates", "gap_s"):
                 result[f"failover_{key}"] = result["failover"][key]
         finally:
-            self.status_line = None
-            self.snapshot_pids()
-            workers, self.workers = self.workers, None
-            self.stop_publishers()
-            workers.close()
-        self.delete_queue(cfg)
+            self.console.show(None)
+            for name in [PUBLISHER_POD, *(w.name for w in side.workers)]:
+                self.remove_pod(side, name, workdir)
+            side.workers = []
+            with contextlib.suppress(OSError):
+                shutil.copytree(shared, workdir, dirs_exist_ok=True)
+        self.delete_queue(side)
+        result["seconds"] = round(time.monotonic() - started, 1)
+        # What the other twin's idle RabbitMQ pods took from the CPUs meanwhile.
+        idle_after = cpu_ticks([p for s in other for p in s.rabbit_pids()])
+        result["idle_twin_cpu_s"] = round(cpu_seconds_since(idle_before, idle_after), 2)
         self.say(
             f"{where}: publish {_f(result['publish_rate'])}/s, drain {_f(result['drain_rate'])}/s, "
             f"sleep {_f(result['sleep_drain_s'])} s (ideal {_f(result['sleep_ideal_s'])}), "
             f"failover lost {result['failover_lost']}, ran twice {result['failover_duplicates']}, "
-            f"gap {_f(result['failover_gap_s'])} s"
+            f"gap {_f(result['failover_gap_s'])} s; the idle twin used "
+            f"{result['idle_twin_cpu_s']} CPU s in {result['seconds']} s"
         )
         return result
 
-    def failover(self, cfg: Config, workdir: Path, tail: LedgerTail, where: str) -> dict[str, Any]:
+    def connected_ordinals(self, side: Side, pid: int) -> list[int]:
+        """The RabbitMQ pods a process (in a pod) has AMQP connections to, most first."""
+        counts: Counter[int] = Counter()
+        for (ip, port), n in established_endpoints(pid).items():
+            ordinal = side.twin.ordinal_of_address(ip)
+            if port == AMQP_PORT and ordinal is not None:
+                counts[ordinal] += n
+        return [ordinal for ordinal, _ in counts.most_common()]
+
+    def failover(self, side: Side, shared: Path, tail: LedgerTail, where: str) -> dict[str, Any]:
         args = self.args
-        assert self.cluster is not None and self.workers is not None
         n = args.failover_tasks
         self.say(
             f"{where}: failover: {n} tasks of {args.failover_task_seconds} s at "
-            f"{args.failover_rate}/s; SIGKILL w0's node after {math.ceil(n * args.fault_at)} "
-            "completions"
+            f"{args.failover_rate}/s; SIGKILL worker pod 0's RabbitMQ pod after "
+            f"{math.ceil(n * args.fault_at)} completions"
         )
         pub = self.start_publisher(
-            cfg,
+            side,
             "failover",
             n,
             args.failover_task_seconds / COUNT_STEPS,
             args.failover_rate,
-            workdir,
+            shared,
         )
         phase = {"text": "running"}
-        self.status_line = lambda: self._line(
-            where, f"failover {phase['text']}", tail, set(pub.ids())
+        self.console.show(
+            lambda: self._line(side, where, f"failover {phase['text']}", tail, set(pub.ids()))
         )
 
         def completed() -> int:
@@ -434,35 +627,36 @@ class Bench:
         target = max(1, math.ceil(n * args.fault_at))
         deadline = time.monotonic() + args.timeout
         while completed() < target:
-            if pub.proc is not None and pub.proc.poll() is not None:
+            if pub.pod is not None and not pub.pod.running():
                 break  # published everything already; kill anyway
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{where}: fewer than {target} completions in time")
             time.sleep(0.05)
-        victim = self.workers.procs[0]
-        nodes = connected_nodes(victim.pid, self.cluster.amqp_ports)
-        node = nodes[0] if nodes else 0
+        victim = side.workers[0]
+        ordinals = self.connected_ordinals(side, victim.pid or 0)
+        node = ordinals[0] if ordinals else 0
         detail: dict[str, Any] = {
             "tasks": n,
             "rate": args.failover_rate,
             "task_seconds": args.failover_task_seconds,
-            "killed_node": self.cluster.node_names[node],
-            "found_by": "w0's AMQP connection" if nodes else "default (no connection found)",
+            "killed_pod": side.twin.pod_names[node],
+            "found_by": f"{victim.name}'s AMQP connection" if ordinals else "default (pod 0)",
             "completed_at_kill": completed(),
         }
-        phase["text"] = f"rmq{node} DOWN"
+        phase["text"] = f"{side.twin.pod_names[node]} DOWN"
         kill_at = time.time()
-        self.cluster.kill_node(node)
-        self.say(f"{where}: SIGKILLed rmq{node} (w0 is connected to it)")
+        side.pod(node).kill()
+        self.say(f"{where}: SIGKILLed {side.twin.pod_names[node]} ({victim.name} used it)")
         time.sleep(args.down_seconds)
-        phase["text"] = f"rmq{node} restarting"
+        phase["text"] = f"{side.twin.pod_names[node]} restarting"
         t0 = time.monotonic()
-        self.cluster.start_node(node)
-        self.snapshot_pids()
+        side.twin.start_pod(node).wait_ready(args.timeout)
+        detail["ready_s"] = round(time.monotonic() - t0, 2)
+        self.wait_whole(side, args.timeout)
         detail["rejoin_s"] = round(time.monotonic() - t0, 2)
         detail["down_s"] = round(time.time() - kill_at, 2)
         phase["text"] = "after the fault"
-        done = self.finish_publish(pub, where, timeout=args.timeout)
+        done = self.finish_publish(side, pub, where, timeout=args.timeout)
         ids = set(done["ids"])
         settled = self.wait_all(tail, ids, args.timeout, f"{where} failover", settle=args.settle)
         summary = ledger.read_ledger(tail.path)
@@ -498,23 +692,22 @@ class Bench:
     # ------------------------------------------------------------- publishers
     def start_publisher(
         self,
-        cfg: Config,
+        side: Side,
         name: str,
         n: int,
         step: float,
         rate: float,
-        workdir: Path,
+        shared: Path,
         confirms: str = "as-configured",
     ) -> Publisher:
-        """Start ``python -m bench.publish`` (not waited for)."""
-        assert self.workers is not None
-        pub = Publisher(name, workdir)
-        cmd = [
-            sys.executable,
+        """Start a ``python -m bench.publish`` pod (not waited for)."""
+        pub = Publisher(name, shared)
+        command = [
+            "python",
             "-m",
             "bench.publish",
             "--config",
-            cfg.key,
+            side.config.key,
             "--tasks",
             str(n),
             "--task-seconds",
@@ -528,58 +721,41 @@ class Bench:
             "--confirms",
             confirms,
         ]
-        # The workers' environment (broker URLs, queue, and their marker, so that
-        # Workers.close() finds it too), first URL = rmq0.
-        with open(pub.log_file, "ab") as out:
-            pub.proc = subprocess.Popen(
-                cmd,
-                cwd=REPO_ROOT,
-                env=self.workers.env(rotation=0),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.publishers.append(pub.proc)
-        self.snapshot_pids()
+        workload = without_probes(side.twin.deployment, command)
+        workload["spec"]["template"]["spec"]["restartPolicy"] = "Never"  # a Job's pod
+        env = {**side.worker_env, ENV_BROKER_ROTATION: "0"}
+        pub.pod = self._python_pod(side, workload, PUBLISHER_POD, env)
         return pub
 
     def publish(
         self,
-        cfg: Config,
+        side: Side,
         name: str,
         n: int,
         step: float,
         rate: float,
-        workdir: Path,
+        shared: Path,
         where: str,
         confirms: str = "as-configured",
     ) -> dict[str, Any]:
         """Publish and wait for the publisher: its result."""
-        pub = self.start_publisher(cfg, name, n, step, rate, workdir, confirms)
-        return self.finish_publish(pub, where)
+        pub = self.start_publisher(side, name, n, step, rate, shared, confirms)
+        return self.finish_publish(side, pub, where)
 
-    def finish_publish(self, pub: Publisher, where: str, timeout: float = 600) -> dict[str, Any]:
-        """Wait for a publisher; its result, with the ids it published."""
-        assert pub.proc is not None
-        try:
-            code = pub.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise TimeoutError(f"{where}: publisher still running after {timeout:.0f} s") from None
+    def finish_publish(
+        self, side: Side, pub: Publisher, where: str, timeout: float = 600
+    ) -> dict[str, Any]:
+        """Wait for a publisher pod; its result, with the ids it published."""
+        assert pub.pod is not None
+        code = pub.pod.wait_exit(timeout)
         if code != 0 or not pub.result_file.exists():
-            raise RuntimeError(f"{where}: publisher exited with {code}:\n{_tail(pub.log_file)}")
+            raise RuntimeError(f"{where}: publisher pod exited with {code}:\n{pub.pod.tail()}")
+        with contextlib.suppress(OSError):
+            shutil.copyfile(pub.pod.log_file(), pub.workdir / f"{pub.name}-publisher.log")
+        side.twin.extra_pods.pop(PUBLISHER_POD).remove()
         result: dict[str, Any] = json.loads(pub.result_file.read_text())
         result["ids"] = pub.ids()
         return result
-
-    def stop_publishers(self) -> None:
-        for proc in self.publishers:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=10)
-        self.publishers = [p for p in self.publishers if p.poll() is None]
 
     # ---------------------------------------------------------------- waiting
     def wait_all(
@@ -615,74 +791,89 @@ class Bench:
                 )
             time.sleep(0.1)
 
-    def _line(self, where: str, phase: str, tail: LedgerTail, ids: set[str]) -> str:
+    def _line(self, side: Side, where: str, phase: str, tail: LedgerTail, ids: set[str]) -> str:
         tail.poll()
         done = len(ids) - len(tail.missing(ids))
-        nodes = sum(self.cluster.is_running(i) for i in range(NODES)) if self.cluster else 0
+        up = sum(pod.running() for pod in side.twin.pods.values())
         return (
-            f"{where} {phase}: {done}/{len(ids)} completed, {tail.rate(time.time()):.0f}/s, "
-            f"nodes up {nodes}/{NODES}"
+            f"        {where} {phase}: {done}/{len(ids)} completed, "
+            f"{tail.rate(time.time()):.0f}/s, RabbitMQ pods up {up}/{len(side.twin.pod_names)}"
         )
 
     # ------------------------------------------------------------------ broker
-    def _connection(self, cfg: Config) -> Connection:
-        return Connection(self.urls[cfg.key], connect_timeout=5, failover_strategy="round-robin")
+    def _connection(self, side: Side) -> Connection:
+        return Connection(side.host_urls, connect_timeout=5, failover_strategy="round-robin")
 
-    def set_consuming(self, cfg: Config, on: bool, timeout: float = 30) -> None:
+    def set_consuming(self, side: Side, on: bool, timeout: float = 60) -> None:
         """Every worker stops (or starts again) consuming from the queue: Celery's
-        remote control (``cancel_consumer`` / ``add_consumer``, broadcast), then the
-        queue's consumer count confirms it."""
+        remote control (``cancel_consumer`` / ``add_consumer``, broadcast), repeated
+        until the queue's consumer count says every worker did it."""
+        cfg = side.config
+        want = WORKERS if on else 0
         replies: Any = None
-        for attempt in range(1, 4):
+        deadline = time.monotonic() + timeout
+        while True:
             control = Celery(
-                f"bench-control-{cfg.key}", broker=self.urls[cfg.key], set_as_current=False
+                f"bench-control-{cfg.key}", broker=side.host_urls, set_as_current=False
             )
             try:
                 command = control.control.add_consumer if on else control.control.cancel_consumer
                 replies = command(cfg.queue, reply=True, timeout=5)
-                break
             except OSError as exc:
-                # Seen on 3.10.8, first broadcast of a run after a node restart (in
-                # both vhosts): the connection is reset while the reply queue, same
-                # name as an earlier broadcast's, is redeclared.  The next one works.
-                if attempt == 3:
-                    raise
+                # Seen on 3.10.8, first broadcast of a run after a node restart: the
+                # connection is reset while the reply queue, same name as an earlier
+                # broadcast's, is redeclared.  The next one works.
                 log.info("remote control via %s failed (%r); retrying", cfg.key, exc)
-                self.timings["remote_control_retries"] = (
-                    self.timings.get("remote_control_retries", 0) + 1
-                )
-                time.sleep(1)
             finally:
                 control.close()
-        want = WORKERS if on else 0
-        deadline = time.monotonic() + timeout
-        while (count := self.consumers(cfg)) != want:
+            with contextlib.suppress(TimeoutError):
+                self.wait_consumers(side, want, 5)
+                return
+            # Seen with ours under load: no reply at all from workers whose queue
+            # consumer was already up (their remote-control consumer was not yet):
+            # the broadcast went nowhere. Cancelling or adding twice is harmless.
+            self.timings["remote_control_retries"] = (
+                self.timings.get("remote_control_retries", 0) + 1
+            )
             if time.monotonic() > deadline:
                 raise TimeoutError(
-                    f"{cfg.key}: {count} consumers on {cfg.queue}, expected {want} "
-                    f"(remote control replies: {replies})"
+                    f"{cfg.key}: {self.consumers(side)} consumers on {cfg.queue} after "
+                    f"{timeout:.0f} s of remote control, expected {want} (last replies: {replies})"
                 )
-            time.sleep(0.05)
 
-    def consumers(self, cfg: Config) -> int:
-        with self._connection(cfg) as conn:
+    def wait_consumers(self, side: Side, want: int, timeout: float) -> None:
+        """Until the queue has ``want`` consumers (a worker declares it when it starts)."""
+        deadline = time.monotonic() + timeout
+        while (count := self.consumers(side)) != want:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{side.config.key}: {count} consumers on {side.config.queue} after "
+                    f"{timeout:.0f} s, expected {want}"
+                )
+            time.sleep(0.1)
+
+    def consumers(self, side: Side) -> int:
+        """Consumers of the queue (0 while no worker has declared it yet)."""
+        with self._connection(side) as conn:
             channel = conn.channel()
             try:
-                return int(channel.queue_declare(cfg.queue, passive=True).consumer_count)
+                return int(channel.queue_declare(side.config.queue, passive=True).consumer_count)
+            except conn.channel_errors:  # 404: not declared yet
+                return 0
             finally:
                 with contextlib.suppress(Exception):
                     channel.close()
 
-    def queue_depth(self, cfg: Config, expected: int, timeout: float = 10) -> int | None:
+    def queue_depth(self, side: Side, expected: int, timeout: float = 10) -> int | None:
         """Messages in the queue (passive declare), waiting up to ``timeout`` for
         ``expected`` (an unconfirmed publish can still be on its way)."""
         deadline = time.monotonic() + timeout
         depth: int | None = None
-        with self._connection(cfg) as conn:
+        with self._connection(side) as conn:
             channel = conn.channel()
             try:
                 while True:
-                    depth = channel.queue_declare(cfg.queue, passive=True).message_count
+                    depth = channel.queue_declare(side.config.queue, passive=True).message_count
                     if depth >= expected or time.monotonic() > deadline:
                         return depth
                     time.sleep(0.1)
@@ -690,65 +881,51 @@ class Bench:
                 with contextlib.suppress(Exception):
                     channel.close()
 
-    def delete_queue(self, cfg: Config) -> None:
+    def delete_queue(self, side: Side) -> None:
         """Start each run from nothing: no leftover (or lost-then-found) message."""
-        with self._connection(cfg) as conn:
+        with self._connection(side) as conn:
             channel = conn.channel()
             try:
-                channel.queue_delete(cfg.queue)
+                channel.queue_delete(side.config.queue)
             finally:
                 with contextlib.suppress(Exception):
                     channel.close()
 
-    def check_queue(self, cfg: Config) -> dict[str, Any]:
+    def check_queue(self, side: Side) -> dict[str, Any]:
         """What RabbitMQ says the queue is: type, policy, replicas."""
-        assert self.cluster is not None
+        cfg = side.config
         cols = ["name", "type", "policy", "messages"]
         cols += ["slave_pids", "synchronised_slave_pids"] if cfg.key == "article" else ["members"]
-        out = self.cluster.rabbitmqctl(
-            0, "list_queues", "-p", cfg.vhost, *cols, "--formatter", "json"
-        )
+        out = side.twin.rabbitmqctl(0, "list_queues", "-p", cfg.vhost, *cols, "--formatter", "json")
         rows = json.loads(out[out.index("[") :])
         row: dict[str, Any] = next((r for r in rows if r.get("name") == cfg.queue), {})
         self.say(f"{cfg.key}: queue {cfg.vhost}/{cfg.queue}: {json.dumps(row)}")
         return {"vhost": cfg.vhost, **row}
 
     # ------------------------------------------------------------------ close
-    def close(self) -> list[str]:
+    def close(self, failed: bool) -> list[str]:
+        """Remove both twins (pods, namespaces, bridges, cgroups, directories) and
+        report anything still there."""
         problems: list[str] = []
-        self.status_line = None
-        self._stop.set()
-        if self._progress is not None:
-            self._progress.join(timeout=10)
-        with contextlib.suppress(Exception):
-            self.snapshot_pids()
-        self.stop_publishers()
-        if self.workers is not None:
-            try:
-                self.workers.close()
-            except Exception as exc:
-                problems.append(f"workers: {exc}")
-            self.workers = None
-        if self.cluster is not None:
-            try:
-                self.cluster.close()
-            except (ClusterError, OSError) as exc:
-                problems.append(f"rabbitmq: {exc}")
-            survivors = marked_pids(self.cluster.cluster_id)
-            if survivors:
-                problems.append(f"processes survived: {sorted(survivors)}")
+        closers = [
+            threading.Thread(target=self._close_twin, args=(key, cluster, problems))
+            for key, cluster in self.opened.items()
+        ]
+        for closer in closers:  # both at once: a SIGKILLed pod goes in ~1 s, but 6 of them
+            closer.start()
+        for closer in closers:
+            closer.join()
         return problems
 
-
-def _f(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return f"(no {path})"
+    def _close_twin(self, key: str, cluster: twin.StatefulSetTwin, problems: list[str]) -> None:
+        try:
+            cluster.close()
+        except Exception as exc:  # report it, and still check what is left
+            problems.append(f"{key} twin {cluster.run_id}: {exc}")
+        left = {k: v for k, v in cluster.leftovers().items() if v}
+        self.twins.setdefault(key, {"run_id": cluster.run_id})["leftovers"] = left
+        if left:
+            problems.append(f"{key} twin {cluster.run_id} left {left}")
 
 
 # ------------------------------------------------------------------------- CLI
@@ -757,10 +934,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m bench",
         description=(
             "The article's configuration (ha-all mirrored classic queue, Celery defaults) "
-            "against this project's (quorum queue, app/settings.py) on one local 3-node "
-            "RabbitMQ cluster: publish rate, drain rate, a broker node SIGKILLed mid-run "
-            "(lost, duplicates, failover gap) and the article's sleeping workload. "
-            "Writes results.json and bench.png to --out and prints a table."
+            "on RabbitMQ 3.10 pods against this project's (quorum queue, app/settings.py) on "
+            "RabbitMQ 4.3 pods as shipped, both pod twins of the prod stack on this machine: "
+            "publish rate, drain rate, a RabbitMQ pod SIGKILLed mid-run (lost, duplicates, "
+            "failover gap) and the article's sleeping workload. Writes results.json and "
+            "bench.png to --out and prints a table."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -776,8 +954,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--sleep-tasks",
         type=positive_int,
         default=300,
-        help="tasks of the sleeping workload (the article queued 10,000; 1000 takes ~3 min "
-        "per article run here)",
+        help="tasks of the sleeping workload (the article queued 10,000)",
     )
     add(
         "--sleep-seconds",
@@ -789,7 +966,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--failover-tasks",
         type=positive_int,
         default=600,
-        help="tasks published during the node kill",
+        help="tasks published during the RabbitMQ pod kill",
     )
     add("--failover-rate", type=positive_float, default=40.0, help="their publish rate (tasks/s)")
     add("--failover-task-seconds", type=non_negative_float, default=0.1, help="how long each runs")
@@ -803,7 +980,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--down-seconds",
         type=non_negative_float,
         default=5.0,
-        help="node down this long, then restarted",
+        help="RabbitMQ pod down this long, then a new one started on its volume",
     )
     add(
         "--settle",
@@ -813,28 +990,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     add("--timeout", type=positive_float, default=300.0, help="give up a phase after this long")
     add("--out", default="out/bench", help="output directory")
-    add("-v", "--verbose", action="store_true", help="log the cluster's steps")
+    add("-v", "--verbose", action="store_true", help="log the pods' steps")
     args = parser.parse_args(argv)
     if not hasattr(args, "fault_at"):  # SUPPRESS: shown as 1/3 in --help, not 0.333...
         args.fault_at = 1 / 3
     return args
-
-
-_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-@contextlib.contextmanager
-def _signals(handler: Any) -> Iterator[None]:
-    previous = {s: signal.signal(s, handler) for s in _SIGNALS}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise Interrupted(signal.Signals(signum).name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -844,45 +1004,29 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
-    bench = Bench(args)
-    status = "ok"
-    error: BaseException | None = None
+    console = Console("bench")
+    bench = Bench(args, console)
     started = time.time()
-    try:
-        with _signals(_interrupt):
-            bench.execute()
-    except (Interrupted, KeyboardInterrupt) as exc:
-        status, error = "interrupted", exc
-    except Exception as exc:
-        status, error = "error", exc
-    finally:
-        # Children run in their own sessions (a terminal's Ctrl-C reaches only us):
-        # cleanup must not be interrupted half-way.
-        with _signals(signal.SIG_IGN):
-            bench.say("stopping every process started (by PID)")
-            problems = bench.close()
-    if error is not None:
-        if status == "error":
-            traceback.print_exception(error, file=sys.stderr)
-        problems.insert(0, f"{status}: {error!r}")
+    outcome = run_guarded(bench.execute, bench.close, console)
     results = build_results(
         args=args,
         argv=sys.argv[1:] if argv is None else argv,
-        status=status,
-        problems=problems,
-        configs={k: c.settings | {"title": c.title} for k, c in bench.configs.items()},
+        status=outcome.status,
+        problems=outcome.problems,
+        configs={k: s.config.settings | {"title": s.config.title} for k, s in bench.sides.items()},
         runs=bench.runs,
         checks=bench.checks,
         timings=bench.timings | {"total_s": round(time.time() - started, 1)},
-        rabbitmq_version=bench.cluster.version if bench.cluster else None,
-        pids=sorted(bench.seen_pids),
+        rabbitmq_versions=bench.versions,
+        twins=bench.twins,
+        bench_adaptations=BENCH_ADAPTATIONS,
     )
     bench.out.mkdir(parents=True, exist_ok=True)
     (bench.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     if any(bench.runs.values()):
         plot_results(bench.out / "bench.png", results)
     print(format_table(results))
-    bench.say(f"wrote {bench.out / 'results.json'} and {bench.out / 'bench.png'}")
-    if status == "interrupted":
+    console.say(f"wrote {bench.out / 'results.json'} and {bench.out / 'bench.png'}")
+    if outcome.exit_interrupted:
         return 130
-    return 2 if problems else 0
+    return 2 if outcome.problems else 0

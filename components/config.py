@@ -209,11 +209,13 @@ class RabbitmqConfig:
     # net_ticktime; detection after 0.75-1.25 x this). Until then the channels on
     # the healthy nodes keep sending quorum-queue commands to the lost leader and
     # every worker waits: measured on the pod twin (machine-loss, 2026-12-01),
-    # RabbitMQ's default 60 s stalled all work 45-60 s, 10 s stalled it 1.7 s (nodes
-    # declared it down after 11 s). Lower means faster failover but a node paused
-    # that long (GC, CPU starvation, a slow network) is taken for dead: RabbitMQ's
-    # docs advise against values under 5 s.
-    net_ticktime_seconds: int = 10
+    # RabbitMQ's default 60 s stalled all work 45.8 s; 10 s stalled it 8.7 s with the
+    # scheduler's confirms stalled 12.2 s (nodes declared it down after ~12 s); 8 s
+    # stalled work 8.3 s and confirms 9.8 s (down after ~9.5 s) with the queue's
+    # leader lost. Lower means faster failover but a node paused that long (GC, CPU
+    # starvation, a slow network) is taken for dead: RabbitMQ's docs advise against
+    # values under 5 s.
+    net_ticktime_seconds: int = 8
     resources: Resources = field(default_factory=lambda: Resources("500m", "1Gi", "1", "2Gi"))
 
     @property

@@ -17,6 +17,7 @@ import contextlib
 import ipaddress
 import logging
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,9 +148,23 @@ class PodNetwork:
         ip("-n", ns, "route", "add", "default", "via", self.gateway)
         return address
 
-    def detach(self, pod: str) -> None:
-        """Remove the pod's namespace (its veth pair goes with it); the address stays reserved."""
+    def detach(self, pod: str, timeout: float = 10) -> None:
+        """Remove the pod's namespace (its veth pair goes with it); the address stays reserved.
+
+        The kernel destroys a namespace, and the veth pair in it, asynchronously (on a
+        busy machine, many seconds later): the pair's host end is deleted here, which
+        deletes the pair at once, so the pod can be attached again under the same names
+        (a StatefulSet pod replaced right after it went)."""
         delete_netns(netns_name(self.run_id, pod))
+        if pod not in self.attached:
+            return
+        host_end = f"lc{self.run_id}h{list(self.attached).index(pod)}"
+        deadline = time.monotonic() + timeout
+        while ip("link", "show", host_end, check=False).returncode == 0:
+            ip("link", "del", host_end, check=False)
+            if time.monotonic() > deadline:
+                raise PodNetworkError(f"{host_end} still exists {timeout:.0f} s after {pod} left")
+            time.sleep(0.05)
 
     def namespaces(self) -> list[str]:
         """This run's network namespaces that still exist."""
