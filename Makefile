@@ -52,9 +52,8 @@ plans: setup-cloud
 	$(VENV_PY) -m tools.plan
 
 # The whole system on this machine: the prod stack's rendered RabbitMQ StatefulSet
-# (4.3 pods), worker Deployment and scheduler Job as pods (the pod twin, needs root;
-# --engine loopback: RabbitMQ 3.10 on 127.0.0.1), one fault midway, and the numbers:
-# out/local/report.json and out/local/timeline.png.
+# (4.3 pods), worker Deployment and scheduler Job as pods (the pod twin, needs root),
+# one fault midway, and the numbers: out/local/report.json and out/local/timeline.png.
 #   make local ARGS="--fault broker-kill"      (see: .venv/bin/python -m localcluster --help)
 .PHONY: local
 local: setup
