@@ -1,8 +1,9 @@
 """The one renderer of RabbitMQ configuration for this project.
 
 Pure functions, no Pulumi import: the text returned here is shipped to Kubernetes
-(ConfigMap / Secret) *and* booted on 127.0.0.1 by ``localcluster.rabbit`` in the
-integration tests, so what the tests prove is what the cluster runs.
+(ConfigMap / Secret) *and* mounted, byte for byte, into the pod twin's RabbitMQ pods
+(``localcluster.twin``) that ``make local``, ``make bench`` and the integration tests
+boot, so what the tests prove is what the cluster runs.
 
 Design notes (the "why" behind every key):
 

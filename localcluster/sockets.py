@@ -50,13 +50,3 @@ def established_endpoints(pid: int) -> Counter[tuple[str, int]]:
                 continue  # 01: ESTABLISHED
             found[_endpoint(fields[2])] += 1
     return found
-
-
-def connected_nodes(pid: int, amqp_ports: list[int]) -> list[int]:
-    """Indices of the nodes whose AMQP port process ``pid`` has an established
-    TCP connection to, most connections first (from /proc: socket inodes)."""
-    counts: Counter[int] = Counter()
-    for (_, port), n in established_endpoints(pid).items():
-        if port in amqp_ports:
-            counts[amqp_ports.index(port)] += n
-    return [node for node, _ in counts.most_common()]

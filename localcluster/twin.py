@@ -18,7 +18,9 @@ import re
 import secrets
 import signal
 import string
+import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -26,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from components.config import load_stack_config, quantity_bytes
-from components.rabbitmq_conf import parse_version
+from components.rabbitmq_conf import needs_kubernetes_api, parse_version
 from localcluster import podnet, pods
 from localcluster.pods import CONTAINER_PATH, ContainerSpec, Mount, PodSpec, Probe
 from tools.mockrun import reveal, run_program, stack_config
@@ -66,7 +68,16 @@ ADAPTATIONS = {
     "measurement args": "the scheduler pod may get extra options a run adds to the Job's "
     "command (--ids-file on a shared directory, --rate, --no-progress)",
     "pod names": "Deployment and Job pods are named <name>-<i>, not <name>-<hash>-<id>",
+    # Only for RabbitMQ before 4.1 (make bench's 3.10 side); see adapt_peer_discovery.
+    "peer discovery before 4.1": "RabbitMQ < 4.1 only: the Kubernetes plugin's version 1 "
+    "lists the headless Service's Endpoints through the Kubernetes API, which does not "
+    "exist here, so the rendered rabbitmq.conf's rabbit_peer_discovery_k8s backend and "
+    "its cluster_formation.k8s.* keys become classic_config listing the StatefulSet pods' "
+    "node names (RABBITMQ_NODENAME of each ordinal); everything else, enabled_plugins "
+    "included, as rendered. 4.1+ pods keep the Kubernetes plugin as shipped",
 }
+#: The ADAPTATIONS entry that applies only to RabbitMQ before 4.1.
+PEER_DISCOVERY_ADAPTATION = "peer discovery before 4.1"
 
 
 class TwinError(RuntimeError):
@@ -118,12 +129,17 @@ class RenderedStack:
         raise TwinError(f"stack {self.stack}: no {kind} {namespace}/{name}")
 
 
-def image_version(image: str) -> str:
-    """ "4.3" of "rabbitmq:4.3.6-management"."""
+def _image_tag_version(image: str) -> str:
+    """ "4.3.6" of "rabbitmq:4.3.6-management"."""
     match = re.search(r":(\d+\.\d+\.\d+)", image)
     if match is None:
         raise TwinError(f"no RabbitMQ version in the image {image!r}")
-    major, minor, _ = parse_version(match[1])
+    return match[1]
+
+
+def image_version(image: str) -> str:
+    """ "4.3" of "rabbitmq:4.3.6-management"."""
+    major, minor, _ = parse_version(_image_tag_version(image))
     return f"{major}.{minor}"
 
 
@@ -316,6 +332,70 @@ def _limits(container: Mapping[str, Any]) -> tuple[int | None, int | None]:
     return memory, cpu
 
 
+def adapt_peer_discovery(rendered: RenderedStack, statefulset: Mapping[str, Any]) -> RenderedStack:
+    """ADAPTATIONS["peer discovery before 4.1"]: the stack, its rabbitmq.conf switched
+    from the Kubernetes plugin to ``classic_config`` when the image is older than 4.1
+    (unchanged otherwise). The node names are what each pod's RABBITMQ_NODENAME
+    expands to, so the list is the StatefulSet's own."""
+    pod = statefulset["spec"]["template"]["spec"]
+    (main,) = pod["containers"]
+    if not needs_kubernetes_api(_image_tag_version(main["image"])):
+        return rendered
+    meta = statefulset["metadata"]
+    namespace = meta["namespace"]
+    nodes = [
+        container_env(main, f"{meta['name']}-{i}", namespace, rendered)["RABBITMQ_NODENAME"]
+        for i in range(int(statefulset["spec"]["replicas"]))
+    ]
+    config_maps = {v["configMap"]["name"] for v in pod.get("volumes", []) if "configMap" in v}
+    objects = []
+    changed = 0
+    for obj in rendered.objects:
+        data = obj.get("data") or {}
+        if (
+            obj["kind"] == "ConfigMap"
+            and obj["metadata"]["name"] in config_maps
+            and obj["metadata"].get("namespace") == namespace
+            and "rabbitmq.conf" in data
+        ):
+            conf = _classic_config_discovery(data["rabbitmq.conf"], nodes)
+            obj = {**obj, "data": {**data, "rabbitmq.conf": conf}}
+            changed += 1
+        objects.append(obj)
+    if changed != 1:
+        raise TwinError(
+            f"stack {rendered.stack}: expected one ConfigMap with rabbitmq.conf mounted by "
+            f"StatefulSet {meta['name']}, found {changed}"
+        )
+    return RenderedStack(rendered.stack, tuple(objects))
+
+
+K8S_BACKEND_LINE = "cluster_formation.peer_discovery_backend = rabbit_peer_discovery_k8s"
+
+
+def _classic_config_discovery(conf: str, nodes: Sequence[str]) -> str:
+    """``conf`` with the Kubernetes backend line replaced by ``classic_config`` and the
+    node list, and the ``cluster_formation.k8s.*`` lines dropped."""
+    lines = conf.splitlines(keepends=True)
+    backend = [i for i, line in enumerate(lines) if line.strip() == K8S_BACKEND_LINE]
+    if len(backend) != 1:
+        raise TwinError(
+            f"rabbitmq.conf: expected one line {K8S_BACKEND_LINE!r}, found {len(backend)}"
+        )
+    replacement = [
+        "# The twin (RabbitMQ < 4.1, no Kubernetes API here): the StatefulSet's pods, listed.\n",
+        "cluster_formation.peer_discovery_backend = classic_config\n",
+        *(f"cluster_formation.classic_config.nodes.{i} = {n}\n" for i, n in enumerate(nodes, 1)),
+    ]
+    out: list[str] = []
+    for i, line in enumerate(lines):
+        if i == backend[0]:
+            out += replacement
+        elif not line.startswith("cluster_formation.k8s."):
+            out.append(line)
+    return "".join(out)
+
+
 def stateful_set_pod(
     rendered: RenderedStack,
     statefulset: Mapping[str, Any],
@@ -459,6 +539,13 @@ class StatefulSetTwin:
         self.statefulset = self.rendered.get("StatefulSet", statefulset)
         image = self.statefulset["spec"]["template"]["spec"]["containers"][0]["image"]
         self.version = image_version(image)
+        self.rendered = adapt_peer_discovery(self.rendered, self.statefulset)
+        #: What this twin changed on the way from manifests to pods (for reports).
+        self.adaptations = {
+            k: v
+            for k, v in ADAPTATIONS.items()
+            if k != PEER_DISCOVERY_ADAPTATION or needs_kubernetes_api(image_version(image))
+        }
         self.root = root or _root_for(self.version)
         if base_dir is None:
             sweep_stale_runs()
@@ -466,6 +553,9 @@ class StatefulSetTwin:
         self.base_dir.mkdir(parents=True, exist_ok=True)
         (self.base_dir / OWNER_FILE).write_text(_owner_token(os.getpid()))
         self.network = podnet.PodNetwork(self.run_id)
+        # Claim the /24 now (the bridge holds its address), not at the first pod start:
+        # another twin created meanwhile would pick the same free subnet.
+        self.network.open()
         meta = self.statefulset["metadata"]
         self.namespace = meta["namespace"]
         self.service = self.statefulset["spec"]["serviceName"]
@@ -637,6 +727,74 @@ class StatefulSetTwin:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # --- kubectl's operations, by ordinal (tests and runs) -------------------------
+
+    def pod(self, ordinal: int) -> pods.Pod:
+        """The pod ``<statefulset>-<ordinal>`` (as last started)."""
+        return self.pods[self.pod_names[ordinal]]
+
+    def is_running(self, ordinal: int) -> bool:
+        name = self.pod_names[ordinal]
+        return name in self.pods and self.pods[name].running()
+
+    def kill_pod(self, ordinal: int) -> None:
+        """SIGKILL every process of the pod at once (a node that crashes)."""
+        self.pod(ordinal).kill()
+
+    def stop_pods(self, ordinals: Sequence[int] | None = None) -> dict[int, float]:
+        """Graceful stops of the pods, all at once (``kubectl delete pod`` of each: preStop,
+        SIGTERM, SIGKILL after the grace period); the seconds each took."""
+        chosen = list(range(len(self.pod_names))) if ordinals is None else list(ordinals)
+        took: dict[int, float] = {}
+        errors: list[str] = []
+
+        def stop(ordinal: int) -> None:
+            try:
+                took[ordinal] = self.pod(ordinal).stop()
+            except Exception as error:  # reported below, after every stop ended
+                errors.append(f"{self.pod_names[ordinal]}: {error!r}")
+
+        threads = [threading.Thread(target=stop, args=(i,)) for i in chosen]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise TwinError("; ".join(errors))
+        return took
+
+    def restart_pods(self, ordinals: Sequence[int] | None = None, timeout: float = 300) -> float:
+        """New pods on the same PVC directories, all at once (Parallel); the seconds until
+        they are Ready and every pod lists every pod as a running node."""
+        chosen = list(range(len(self.pod_names))) if ordinals is None else list(ordinals)
+        begin = time.monotonic()
+        for ordinal in chosen:
+            self.start_pod(ordinal)
+        for ordinal in chosen:
+            self.pod(ordinal).wait_ready(timeout)
+        self.wait_clustered(max(1.0, timeout - (time.monotonic() - begin)))
+        return time.monotonic() - begin
+
+    def wait_clustered(self, timeout: float = 240) -> float:
+        """Until every pod lists every pod as a running node; the seconds it took."""
+        begin = time.monotonic()
+        expected = len(self.pod_names)
+        while True:
+            try:
+                if all(len(self.running_nodes(i)) == expected for i in range(expected)):
+                    return time.monotonic() - begin
+            except (TwinError, pods.PodError, KeyError, ValueError, subprocess.TimeoutExpired):
+                pass  # a pod not (yet) running or answering
+            if time.monotonic() - begin > timeout:
+                raise TwinError(f"the pods did not form one cluster in {timeout:.0f} s")
+            time.sleep(1)
+
+    def rabbitmq_diagnostics(self, ordinal: int, *args: str, timeout: float = 60) -> str:
+        done = self.pod(ordinal).exec(["rabbitmq-diagnostics", *args], timeout=timeout)
+        if done.returncode != 0:
+            raise TwinError(f"rabbitmq-diagnostics {' '.join(args)}: {done.stderr.strip()[-500:]}")
+        return done.stdout
 
 
 def _root_for(version: str) -> Path:

@@ -1,139 +1,219 @@
-"""Fixtures for tests against a real RabbitMQ cluster on 127.0.0.1.
+"""Fixtures for tests against RabbitMQ as it ships: pods of the prod stack's StatefulSet.
 
-``rabbit_cluster`` is one started 3-node :class:`LocalRabbitCluster` for the whole
-session, closed (every process killed by PID / process group) pass or fail.
-``make_rabbit_cluster`` builds extra clusters for a single test.
-``workers_factory`` makes groups of real Celery worker (and scheduler) processes,
-all killed by process group at the end of the test.  Every cluster
-created here is registered, and a session-wide autouse check fails the run if any
-process a cluster started (``beam.smp``, ``epmd``, the ``sh`` wrapper, Erlang
-helpers) is still alive at the end; survivors are killed by PID before failing.
+Every RabbitMQ here is the pod twin (:class:`localcluster.twin.StatefulSetTwin`): the
+prod stack's own rendered StatefulSet as three RabbitMQ 4.3 pods, each with its own
+network namespace, hostname, cgroups and the rendered ConfigMap/Secret files, clustered
+by the Kubernetes peer-discovery plugin (docs/twin.md).
 
-No skipping: when RabbitMQ is not installed the fixtures fail with the install
-command (``apt-get install -y rabbitmq-server``).
+``rabbit_twin`` is one started twin (every pod Ready, one cluster) for the whole
+session, shared by every test that does not disturb the others; ``make_twin`` makes a
+test its own (not started: the test starts it); a module that needs its own cluster
+for all its tests builds it on ``twin_registry`` (test_publish_outage.py stops every
+node). Every twin made here is registered; at the end of the session each is closed,
+pass or fail, and its ``leftovers()`` (processes, network namespaces, cgroups,
+mounts, files) must be empty, or the run fails naming what was left.
+
+``worker_pods`` starts pods of the rendered worker Deployment on a twin (the deployed
+worker: its command, env and broker Secret), removed at the end of the test;
+``workers_factory`` starts Celery worker and scheduler processes on this host that
+reach the pods by address (a different pool, finer process control, a publisher),
+all killed by process group at the end of the test.
+
+No skipping: a missing root filesystem fails with the command that builds it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import signal
+import time
+import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+from kombu import Connection
 
-from localcluster.rabbit import LocalRabbitCluster, marked_pids
+from localcluster import pods
+from localcluster.twin import StatefulSetTwin
 from localcluster.workers import Workers
 
 log = logging.getLogger(__name__)
 
-
-def _comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return "?"
+STACK = "prod"
+# The queue the rendered worker Deployment consumes (it sets no CELERY_QUEUE).
+DEPLOYMENT_QUEUE = "celery"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] not in "ZX"
-
-
-class RabbitRegistry:
-    """Every cluster the tests created, and every PID those clusters ever had."""
+class TwinRegistry:
+    """Every twin the tests made; closes them and says what any of them left."""
 
     def __init__(self) -> None:
-        self.clusters: list[LocalRabbitCluster] = []
-        self.seen_pids: dict[int, str] = {}  # pid -> cluster id
+        self.twins: list[StatefulSetTwin] = []
+        self._closed: set[str] = set()
 
-    def register(self, cluster: LocalRabbitCluster) -> LocalRabbitCluster:
-        self.clusters.append(cluster)
+    def make(self, stack: str = STACK, **kwargs: Any) -> StatefulSetTwin:
+        cluster = StatefulSetTwin(stack, **kwargs)
+        self.twins.append(cluster)
         return cluster
 
-    def snapshot(self, cluster: LocalRabbitCluster) -> None:
-        for pid in cluster.pids():
-            self.seen_pids[pid] = cluster.cluster_id
+    def start(self, cluster: StatefulSetTwin, timeout: float = 300) -> dict[str, float]:
+        """Every pod Ready and the three of them one cluster; seconds, for the log."""
+        begin = time.monotonic()
+        ready = cluster.start(timeout)
+        cluster.wait_clustered(timeout)
+        log.info(
+            "twin %s: pods Ready %s, clustered after %.1f s",
+            cluster.run_id,
+            {k: round(v, 1) for k, v in ready.items()},
+            time.monotonic() - begin,
+        )
+        return ready
 
-    def survivors(self) -> dict[int, str]:
-        """Live processes of our clusters: recorded PIDs + anything carrying a marker."""
-        found: dict[int, str] = {}
-        for pid, cluster_id in self.seen_pids.items():
-            # Same PID *and* our marker: not a recycled PID of somebody else.
-            if _alive(pid) and pid in marked_pids(cluster_id):
-                found[pid] = cluster_id
-        for cluster in self.clusters:
-            for pid in marked_pids(cluster.cluster_id):
-                if _alive(pid):
-                    found[pid] = cluster.cluster_id
+    def close(self, cluster: StatefulSetTwin) -> None:
+        if cluster.run_id not in self._closed:
+            self._closed.add(cluster.run_id)
+            cluster.close()
+
+    def leftovers(self) -> dict[str, dict[str, list[str]]]:
+        """run id -> what is left of it, for every twin with something left."""
+        found = {}
+        for cluster in self.twins:
+            left = {kind: items for kind, items in cluster.leftovers().items() if items}
+            if left:
+                found[cluster.run_id] = left
         return found
 
 
 @pytest.fixture(scope="session")
-def rabbit_registry() -> Iterator[RabbitRegistry]:
-    registry = RabbitRegistry()
+def twin_registry() -> Iterator[TwinRegistry]:
+    registry = TwinRegistry()
     yield registry
-    # Teardown runs after every cluster fixture (they depend on this one).
-    for cluster in registry.clusters:
-        with contextlib.suppress(Exception):
-            cluster.close()
-    survivors = registry.survivors()
-    if survivors:
-        described = ", ".join(f"{pid} ({_comm(pid)})" for pid in sorted(survivors))
-        for pid in survivors:  # ours, by PID: do not leave them running
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        pytest.fail(f"RabbitMQ test processes survived the session: {described}", pytrace=False)
+    # Teardown runs after every twin fixture (they depend on this one).
+    errors = []
+    for cluster in registry.twins:
+        try:
+            registry.close(cluster)
+        except Exception as error:  # close the rest, report below
+            errors.append(f"{cluster.run_id}: {error}")
+    left = registry.leftovers()
+    if left or errors:
+        pytest.fail(
+            f"pod twins left behind after close: {left}; close errors: {errors}", pytrace=False
+        )
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _no_surviving_rabbit_processes(rabbit_registry: RabbitRegistry) -> Iterator[None]:
-    """Autouse, session-wide: the registry's teardown check always runs."""
+def _no_twin_leftovers(twin_registry: TwinRegistry) -> Iterator[None]:
+    """Autouse, session-wide: the registry's end-of-session check always runs."""
     yield
 
 
-@pytest.fixture
-def make_rabbit_cluster(
-    rabbit_registry: RabbitRegistry,
-) -> Iterator[Callable[..., LocalRabbitCluster]]:
-    """Factory for a test's own cluster; every one is closed at the end of the test."""
-    made: list[LocalRabbitCluster] = []
+@pytest.fixture(scope="session")
+def rabbit_twin(twin_registry: TwinRegistry) -> Iterator[StatefulSetTwin]:
+    """The prod stack's three RabbitMQ pods, Ready and clustered, for the whole session."""
+    cluster = twin_registry.make(STACK)
+    try:
+        twin_registry.start(cluster)
+        yield cluster
+    finally:
+        twin_registry.close(cluster)
 
-    def make(**kwargs: Any) -> LocalRabbitCluster:
-        cluster = rabbit_registry.register(LocalRabbitCluster(**kwargs))
+
+@pytest.fixture
+def make_twin(twin_registry: TwinRegistry) -> Iterator[Callable[..., StatefulSetTwin]]:
+    """A test's own twin (``make_twin(**StatefulSetTwin kwargs)``), closed after the test."""
+    made: list[StatefulSetTwin] = []
+
+    def make(**kwargs: Any) -> StatefulSetTwin:
+        cluster = twin_registry.make(kwargs.pop("stack", STACK), **kwargs)
         made.append(cluster)
         return cluster
 
     yield make
     for cluster in made:
-        rabbit_registry.snapshot(cluster)
-        cluster.close()
-        assert cluster.pids() == [], f"cluster {cluster.cluster_id} left {cluster.pids()}"
+        twin_registry.close(cluster)
+        left = {kind: items for kind, items in cluster.leftovers().items() if items}
+        assert not left, f"twin {cluster.run_id} left {left}"
 
 
-@pytest.fixture(scope="session")
-def rabbit_cluster(rabbit_registry: RabbitRegistry) -> Iterator[LocalRabbitCluster]:
-    """A started 3-node cluster shared by the whole session, closed pass or fail."""
-    cluster = rabbit_registry.register(LocalRabbitCluster(size=3))
-    try:
-        cluster.start()
-        rabbit_registry.snapshot(cluster)
-        log.info("rabbit_cluster ready in %.1f s: %s", cluster.timings["clustered"], cluster)
-        yield cluster
-    finally:
-        rabbit_registry.snapshot(cluster)
-        cluster.close()
+def delete_queue(cluster: StatefulSetTwin, queue: str) -> None:
+    """Delete ``queue`` (and its messages) of the stack's vhost, over AMQP from this host."""
+    with Connection(cluster.broker_urls(by_address=True)[0], connect_timeout=10) as conn:
+        conn.default_channel.queue_delete(queue)
+
+
+@dataclass
+class WorkerPods:
+    """Pods of the rendered worker Deployment on one twin, sharing a ledger."""
+
+    cluster: StatefulSetTwin
+    ledger: Path
+    env: dict[str, str]
+    started: list[pods.Pod] = field(default_factory=list)
+
+    def start(self, index: int) -> pods.Pod:
+        """Pod ``celery-worker-<index>`` (its rotation comes from that name, as deployed)."""
+        pod = self.cluster.start_worker(self.cluster.worker_names()[index], self.env)
+        self.started.append(pod)
+        return pod
+
+    @staticmethod
+    def nodename(pod: pods.Pod) -> str:
+        """``task.request.hostname`` of its tasks in the ledger (--hostname=celery@%h)."""
+        return f"celery@{pod.name}"
+
+    @staticmethod
+    def wait_consuming(pod: pods.Pod, timeout: float = 120) -> None:
+        """Until Celery logs ``celery@<pod> ready.`` (sooner than the readiness probe)."""
+        deadline = time.monotonic() + timeout
+        needle = f"celery@{pod.name} ready."
+        while needle not in pod.tail(lines=200):
+            if not pod.running() and pod.exit_code is not None:
+                raise AssertionError(f"{pod.name} exited {pod.exit_code}:\n{pod.tail()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"{pod.name} not consuming after {timeout:.0f} s:\n{pod.tail()}"
+                )
+            time.sleep(0.1)
+
+    def remove(self) -> None:
+        for pod in self.started:
+            self.cluster.extra_pods.pop(pod.name, None)
+            pod.remove()
+
+
+@pytest.fixture
+def worker_pods() -> Iterator[Callable[..., WorkerPods]]:
+    """``worker_pods(twin, step_seconds)``: a group of worker Deployment pods with a ledger.
+
+    At the end of the test the pods are removed (SIGKILL) and the Deployment's queue is
+    deleted from the twin, so no task of this test reaches the next one's workers.
+    """
+    made: list[WorkerPods] = []
+
+    def make(cluster: StatefulSetTwin, step_seconds: float) -> WorkerPods:
+        ledger = cluster.shared_dir(f"ledger-{uuid.uuid4().hex[:8]}") / "ledger.jsonl"
+        env = {"TASK_LEDGER": str(ledger), "COUNT_STEP_SECONDS": repr(step_seconds)}
+        group = WorkerPods(cluster, ledger, env)
+        made.append(group)
+        return group
+
+    yield make
+    for group in made:
+        group.remove()
+        left = [p for pod in group.started for p in pod.pids()]
+        assert not left, f"worker pod processes survived: {left}"
+        cluster = group.cluster
+        # A test that failed with a RabbitMQ pod down: the twin's owner restores it.
+        if all(cluster.is_running(i) for i in range(len(cluster.pod_names))):
+            delete_queue(cluster, DEPLOYMENT_QUEUE)
 
 
 @pytest.fixture
 def workers_factory(tmp_path: Path) -> Iterator[Callable[..., Workers]]:
-    """Make Workers groups; every process is killed at teardown, pass or fail."""
+    """Make Workers groups (processes on this host); every process is killed at teardown."""
     made: list[Workers] = []
 
     def make(queue: str, **kw: Any) -> Workers:

@@ -1,10 +1,17 @@
-"""A real 3-node RabbitMQ cluster, configured by components/rabbitmq_conf.py, read back.
+"""The RabbitMQ that ships, configured by components/rabbitmq_conf.py, read back.
 
-Everything asserted here is read from the running nodes (rabbitmqctl, AMQP), not
-from the rendered text: the cluster formed, pause_minority is in effect on every
-node, the application user exists and guest does not, the definitions were
-imported, a quorum queue declared through kombu is replicated on all three nodes
-and a poison message is dead-lettered after the policy's delivery limit.
+The session's ``rabbit_twin`` (tests/integration/conftest.py): the prod stack's own
+rendered StatefulSet as three RabbitMQ 4.3 pods. Everything asserted here is read from
+the running pods (rabbitmqctl and rabbitmq-diagnostics exec'd in a pod; AMQP and the
+management API from this host, by pod address), not from the rendered text: 4.3's
+partition handling is Khepri's Raft majority (no ``cluster_partition_handling``), the
+application user exists and guest does not, the definitions were imported, a quorum
+queue declared through kombu is replicated on all three pods with the policy's
+delivery limit, and a poison message is dead-lettered after that limit.
+
+Proved in test_pod_twin.py and not repeated here: every mounted file is the rendered
+object byte for byte, the three pods form one cluster, a killed pod comes back on its
+volume and rejoins, a failing run leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -15,39 +22,59 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import pytest
 from amqp.exceptions import AccessRefused
 from kombu import Connection, Exchange, Queue
 
-from components.rabbitmq_conf import LocalDiscovery, parse_version, rabbitmq_conf
-from localcluster.rabbit import (
-    INSTALL_COMMAND,
-    ClusterError,
-    LocalRabbitCluster,
-    RabbitMQNotInstalledError,
-)
+from components.rabbitmq_conf import supports_partition_handling
+from localcluster import rootfs, twin
+from localcluster.twin import StatefulSetTwin
+from tests.integration.conftest import delete_queue
 
-pytestmark = pytest.mark.rabbitmq
+MANAGEMENT_PORT = 15672
 
 
-def _json(output: str) -> list[dict[str, object]]:
+def _json(output: str) -> list[dict[str, Any]]:
     data = json.loads(output)
     assert isinstance(data, list), data
     return data
 
 
-def _queues(cluster: LocalRabbitCluster, *items: str) -> dict[str, dict[str, object]]:
+def _secret(cluster: StatefulSetTwin) -> dict[str, str]:
+    return cluster.rendered.data("Secret", "rabbitmq-credentials", cluster.namespace)
+
+
+def _vhost(cluster: StatefulSetTwin) -> str:
+    return _secret(cluster)["vhost"]
+
+
+def _node_names(cluster: StatefulSetTwin) -> list[str]:
+    return sorted(
+        f"rabbit@{name}.{cluster.service}.{cluster.namespace}" for name in cluster.pod_names
+    )
+
+
+def _policy(cluster: StatefulSetTwin) -> dict[str, Any]:
+    """The quorum-queue policy's definition as the rendered definitions.json has it."""
+    definitions = json.loads(_secret(cluster)["definitions.json"])
+    (policy,) = [p for p in definitions["policies"] if p["name"] == "quorum-delivery-limit"]
+    definition = policy["definition"]
+    assert isinstance(definition, dict)
+    return definition
+
+
+def _queues(cluster: StatefulSetTwin, *items: str) -> dict[str, dict[str, Any]]:
     rows = _json(
-        cluster.rabbitmqctl(0, "list_queues", "-p", cluster.vhost, *items, "--formatter", "json")
+        cluster.rabbitmqctl(0, "list_queues", "-p", _vhost(cluster), *items, "--formatter", "json")
     )
     return {str(row["name"]): row for row in rows}
 
 
-def _declare_quorum_queue(cluster: LocalRabbitCluster, name: str, url_index: int = 0) -> None:
+def _declare_quorum_queue(cluster: StatefulSetTwin, name: str, url_index: int = 0) -> None:
     exchange = Exchange(name, type="direct", durable=True)
     queue = Queue(
         name,
@@ -56,18 +83,20 @@ def _declare_quorum_queue(cluster: LocalRabbitCluster, name: str, url_index: int
         durable=True,
         queue_arguments={"x-queue-type": "quorum"},
     )
-    with Connection(cluster.broker_urls()[url_index], connect_timeout=10) as conn:
+    url = cluster.broker_urls(by_address=True)[url_index]
+    with Connection(url, connect_timeout=10) as conn:
         queue(conn.default_channel).declare()
 
 
-def _management_get(cluster: LocalRabbitCluster, i: int, path: str, want: str) -> dict[str, object]:
-    """GET from node i's management API as the app user, until the answer has ``want``.
+def _management_get(cluster: StatefulSetTwin, i: int, path: str, want: str) -> dict[str, Any]:
+    """GET from pod i's management API as the app user, until the answer has ``want``.
 
     Queue statistics (and with them the effective policy) reach the management
     database every few seconds, so a fresh queue needs a moment.
     """
-    url = f"http://127.0.0.1:{cluster.management_ports[i]}{quote(path, safe='/')}"
-    token = base64.b64encode(f"{cluster.username}:{cluster.password}".encode()).decode()
+    url = f"http://{cluster.address(i)}:{MANAGEMENT_PORT}{quote(path, safe='/')}"
+    secret = _secret(cluster)
+    token = base64.b64encode(f"{secret['username']}:{secret['password']}".encode()).decode()
     request = urllib.request.Request(url, headers={"Authorization": f"Basic {token}"})
     deadline = time.monotonic() + 20
     while True:
@@ -85,129 +114,127 @@ def _management_get(cluster: LocalRabbitCluster, i: int, path: str, want: str) -
         time.sleep(0.5)
 
 
-def test_rendered_config_is_the_renderers_output(rabbit_cluster: LocalRabbitCluster) -> None:
-    for i in range(rabbit_cluster.size):
-        expected = rabbitmq_conf(
-            rabbit_cluster.version,
-            LocalDiscovery(tuple(rabbit_cluster.node_names)),
-            amqp_port=rabbit_cluster.amqp_ports[i],
-            management_port=rabbit_cluster.management_ports[i],
-            prometheus_port=rabbit_cluster.prometheus_ports[i],
-            disk_free_limit=rabbit_cluster.disk_free_limit,
-            definitions_path=str(rabbit_cluster.config_file(i).parent.parent / "definitions.json"),
-        )
-        assert rabbit_cluster.config_file(i).read_text() == expected
+def test_partitions_are_khepris_raft_majority_not_a_config_key(
+    rabbit_twin: StatefulSetTwin,
+) -> None:
+    """4.3 removed Mnesia and ``cluster_partition_handling`` with it: the renderer leaves
+    the key out for 4.3, no pod has it set, and the metadata store every pod runs is
+    Khepri, one Raft cluster of all three pods as voters with one leader."""
+    version = rabbit_twin.rabbitmqctl(0, "version").strip()
+    assert version == rootfs.for_version(rabbit_twin.version).upstream_version
+    assert not supports_partition_handling(version)
+    for pod in rabbit_twin.pods.values():
+        conf = pod.exec(["cat", "/etc/rabbitmq/rabbitmq.conf"]).stdout
+        keys = [line.split("=")[0].strip() for line in conf.splitlines() if "=" in line]
+        assert "cluster_formation.peer_discovery_backend" in keys
+        assert "cluster_partition_handling" not in keys
+    # Every running node, asked at once from pod 0.
+    got = rabbit_twin.rabbitmqctl(
+        0, "eval", "rpc:multicall(application, get_env, [rabbit, cluster_partition_handling])."
+    )
+    assert got.strip() == "{[undefined,undefined,undefined],[]}", got
+    flags = _json(
+        rabbit_twin.rabbitmqctl(0, "list_feature_flags", "name", "state", "--formatter", "json")
+    )
+    assert {"name": "khepri_db", "state": "enabled"} in flags
+    store = _json(
+        rabbit_twin.rabbitmq_diagnostics(0, "metadata_store_status", "--formatter", "json")
+    )
+    assert sorted(row["Node Name"] for row in store) == _node_names(rabbit_twin)
+    assert {row["Membership"] for row in store} == {"voter"}
+    assert sorted(row["Raft State"] for row in store) == ["follower", "follower", "leader"]
 
 
-def test_three_nodes_running_and_clustered(rabbit_cluster: LocalRabbitCluster) -> None:
-    expected = sorted(rabbit_cluster.node_names)
-    assert len(expected) == 3
-    for i in range(3):
-        status = rabbit_cluster.cluster_status(i)
-        assert sorted(map(str, status["running_nodes"])) == expected  # type: ignore[call-overload]
-        assert sorted(map(str, status["disk_nodes"])) == expected  # type: ignore[call-overload]
-        assert not status.get("partitions")
-
-
-def test_pause_minority_in_effect_on_every_node(rabbit_cluster: LocalRabbitCluster) -> None:
-    if parse_version(rabbit_cluster.version) >= (4, 3, 0):
-        pytest.fail("RabbitMQ 4.3+ has no cluster_partition_handling: adapt this test")
-    for i in range(3):
-        out = rabbit_cluster.rabbitmqctl(
-            i, "eval", "application:get_env(rabbit, cluster_partition_handling)."
-        )
-        assert out.strip() == "{ok,pause_minority}", (rabbit_cluster.node_names[i], out)
-
-
-def test_app_user_exists_and_guest_does_not(rabbit_cluster: LocalRabbitCluster) -> None:
+def test_app_user_exists_and_guest_does_not(rabbit_twin: StatefulSetTwin) -> None:
+    secret = _secret(rabbit_twin)
+    username, password, vhost = secret["username"], secret["password"], secret["vhost"]
     users = {
         str(row["user"]): row
-        for row in _json(rabbit_cluster.rabbitmqctl(0, "list_users", "--formatter", "json"))
+        for row in _json(rabbit_twin.rabbitmqctl(0, "list_users", "--formatter", "json"))
     }
-    assert set(users) == {rabbit_cluster.username}
-    assert "guest" not in users
-    # The password (hashed into the definitions) works over AMQP, on every node.
-    for url in rabbit_cluster.broker_urls():
+    assert set(users) == {username}
+    assert users[username]["tags"] == ["management"]
+    # The password (hashed into the definitions) works over AMQP, on every pod.
+    urls = rabbit_twin.broker_urls(by_address=True)
+    assert len(urls) == len(rabbit_twin.pod_names)
+    for url in urls:
         with Connection(url, connect_timeout=10) as conn:
             conn.connect()
     # ... and guest cannot log in.
-    guest = rabbit_cluster.broker_urls()[0].replace(
-        f"{rabbit_cluster.username}:{rabbit_cluster.password}", "guest:guest"
-    )
+    guest = urls[0].replace(f"{username}:{password}", "guest:guest")
+    assert guest != urls[0]
     with pytest.raises(AccessRefused), Connection(guest, connect_timeout=5) as conn:
         conn.connect()
     perms = _json(
-        rabbit_cluster.rabbitmqctl(
-            0, "list_permissions", "-p", rabbit_cluster.vhost, "--formatter", "json"
-        )
+        rabbit_twin.rabbitmqctl(0, "list_permissions", "-p", vhost, "--formatter", "json")
     )
-    assert perms == [
-        {"user": rabbit_cluster.username, "configure": ".*", "write": ".*", "read": ".*"}
-    ]
+    assert perms == [{"user": username, "configure": ".*", "write": ".*", "read": ".*"}]
 
 
-def test_definitions_were_imported(rabbit_cluster: LocalRabbitCluster) -> None:
+def test_definitions_were_imported(rabbit_twin: StatefulSetTwin) -> None:
     policies = _json(
-        rabbit_cluster.rabbitmqctl(
-            0, "list_policies", "-p", rabbit_cluster.vhost, "--formatter", "json"
+        rabbit_twin.rabbitmqctl(
+            0, "list_policies", "-p", _vhost(rabbit_twin), "--formatter", "json"
         )
     )
     (policy,) = [p for p in policies if p["name"] == "quorum-delivery-limit"]
     definition = policy["definition"]
-    if isinstance(definition, str):  # some CLI versions print it as a JSON string
+    if isinstance(definition, str):  # 4.3's CLI prints it as a JSON string
         definition = json.loads(definition)
     assert definition == {
-        "delivery-limit": rabbit_cluster.delivery_limit,
+        "delivery-limit": _policy(rabbit_twin)["delivery-limit"],
         "dead-letter-exchange": "dlx",
     }
+    assert policy["apply-to"] == "quorum_queues"
     exchanges = _json(
-        rabbit_cluster.rabbitmqctl(
-            0, "list_exchanges", "-p", rabbit_cluster.vhost, "name", "type", "--formatter", "json"
+        rabbit_twin.rabbitmqctl(
+            0, "list_exchanges", "-p", _vhost(rabbit_twin), "name", "type", "--formatter", "json"
         )
     )
     assert {"name": "dlx", "type": "fanout"} in exchanges
-    dead_letter = _queues(rabbit_cluster, "name", "type", "members")["dead-letter"]
+    dead_letter = _queues(rabbit_twin, "name", "type", "members")["dead-letter"]
     assert dead_letter["type"] == "quorum"
-    # Imported once all 3 nodes were up (target_cluster_size_hint), so 3 replicas.
-    assert sorted(map(str, dead_letter["members"])) == sorted(rabbit_cluster.node_names)  # type: ignore[call-overload]
+    assert sorted(map(str, dead_letter["members"])) == _node_names(rabbit_twin)
 
 
 def test_kombu_quorum_queue_is_replicated_and_gets_the_delivery_limit(
-    rabbit_cluster: LocalRabbitCluster,
+    rabbit_twin: StatefulSetTwin,
 ) -> None:
     name = f"test-qq-{uuid.uuid4().hex[:8]}"
-    _declare_quorum_queue(rabbit_cluster, name)
-    row = _queues(rabbit_cluster, "name", "type", "members", "policy")[name]
+    _declare_quorum_queue(rabbit_twin, name)
+    row = _queues(rabbit_twin, "name", "type", "members", "policy")[name]
     assert row["type"] == "quorum"
-    assert sorted(map(str, row["members"])) == sorted(rabbit_cluster.node_names)  # type: ignore[call-overload]
+    assert sorted(map(str, row["members"])) == _node_names(rabbit_twin)
     assert row["policy"] == "quorum-delivery-limit"
     # The effective policy, as the management API reports it (read with the app user,
-    # whose 'management' tag allows it), from another node than the one declaring.
+    # whose 'management' tag allows it), from another pod than the one declaring.
     details = _management_get(
-        rabbit_cluster,
-        2,
-        f"/api/queues/{rabbit_cluster.vhost}/{name}",
-        "effective_policy_definition",
+        rabbit_twin, 2, f"/api/queues/{_vhost(rabbit_twin)}/{name}", "effective_policy_definition"
     )
     effective = details["effective_policy_definition"]
     assert isinstance(effective, dict)
-    assert effective["delivery-limit"] == rabbit_cluster.delivery_limit
+    assert effective["delivery-limit"] == _policy(rabbit_twin)["delivery-limit"]
     assert effective["dead-letter-exchange"] == "dlx"
+    delete_queue(rabbit_twin, name)
 
 
 def test_poison_message_is_dead_lettered_after_the_delivery_limit(
-    rabbit_cluster: LocalRabbitCluster,
+    rabbit_twin: StatefulSetTwin,
 ) -> None:
-    """A message whose consumer keeps dying is dead-lettered, not redelivered forever."""
+    """A message whose consumer keeps dying is dead-lettered, not redelivered forever.
+
+    On 4.3 too a message returned by a connection that closed without an ack counts
+    towards the delivery limit (1 delivery + delivery-limit redeliveries)."""
+    limit = int(_policy(rabbit_twin)["delivery-limit"])
     name = f"test-poison-{uuid.uuid4().hex[:8]}"
-    _declare_quorum_queue(rabbit_cluster, name)
+    _declare_quorum_queue(rabbit_twin, name)
     body = f"poison {name}"
-    url = rabbit_cluster.broker_urls()[1]
+    url = rabbit_twin.broker_urls(by_address=True)[1]
     with Connection(url, connect_timeout=10) as conn:
         producer = conn.Producer(serializer="json")
         producer.publish(body, exchange=name, routing_key=name, confirm=True, retry=True)
     deliveries = 0
-    for _ in range(rabbit_cluster.delivery_limit + 3):
+    for _ in range(limit + 3):
         with Connection(url, connect_timeout=10) as conn:
             channel = conn.channel()
             message = None
@@ -220,18 +247,16 @@ def test_poison_message_is_dead_lettered_after_the_delivery_limit(
                 break
             deliveries += 1
             # The connection closes without an ack: like a worker killed mid-task.
-    # 1 delivery + delivery_limit redeliveries, then it is dead-lettered.
-    assert deliveries == rabbit_cluster.delivery_limit + 1
+    assert deliveries == limit + 1
 
     def dead_letter_depth() -> int:
-        rows = _queues(rabbit_cluster, "name", "messages")
-        return int(rows["dead-letter"]["messages"])  # type: ignore[call-overload]
+        return int(_queues(rabbit_twin, "name", "messages")["dead-letter"]["messages"])
 
     deadline = time.monotonic() + 10
     while dead_letter_depth() < 1 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert dead_letter_depth() >= 1
-    assert int(_queues(rabbit_cluster, "name", "messages")[name]["messages"]) == 0  # type: ignore[call-overload]
+    assert int(_queues(rabbit_twin, "name", "messages")[name]["messages"]) == 0
     # It is our message; drain the shared dead-letter queue for other tests.
     drained = []
     with Connection(url, connect_timeout=10) as conn:
@@ -241,69 +266,16 @@ def test_poison_message_is_dead_lettered_after_the_delivery_limit(
     bodies = [m.body if isinstance(m.body, str) else m.body.decode() for m in drained]
     assert any(body in text for text in bodies), bodies
     assert any(m.headers.get("x-death") for m in drained)
+    delete_queue(rabbit_twin, name)
 
 
-def test_killed_node_comes_back_and_rejoins(rabbit_cluster: LocalRabbitCluster) -> None:
-    name = f"test-kill-{uuid.uuid4().hex[:8]}"
-    _declare_quorum_queue(rabbit_cluster, name)
-    victim = 2
-    victim_name = rabbit_cluster.node_names[victim]
-    old_pids = rabbit_cluster.node_pids(victim)
-    assert old_pids
-    t0 = time.monotonic()
-    rabbit_cluster.kill_node(victim)
-    try:
-        assert not rabbit_cluster.is_running(victim)
-        assert not [p for p in old_pids if Path(f"/proc/{p}").exists()], "SIGKILL left processes"
-        others = sorted(n for n in rabbit_cluster.node_names if n != victim_name)
-        deadline = time.monotonic() + 30
-        while rabbit_cluster.running_nodes(0) != others and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert rabbit_cluster.running_nodes(0) == others
-        # The majority keeps serving: the quorum queue still takes messages.
-        with Connection(rabbit_cluster.broker_urls()[0], connect_timeout=10) as conn:
-            conn.Producer().publish("while down", exchange=name, routing_key=name, confirm=True)
-    finally:
-        rabbit_cluster.start_node(victim)  # waits until all three are running again
-    back_after = time.monotonic() - t0
-    assert rabbit_cluster.running_nodes(victim) == sorted(rabbit_cluster.node_names)
-    assert not (rabbit_cluster.node_pids(victim) & old_pids)
-    row = _queues(rabbit_cluster, "name", "members", "messages")[name]
-    assert sorted(map(str, row["members"])) == sorted(rabbit_cluster.node_names)  # type: ignore[call-overload]
-    assert row["messages"] == 1
-    print(f"{victim_name} killed and back in the cluster after {back_after:.1f} s")
-
-
-def test_close_leaves_no_process(make_rabbit_cluster: Callable[..., LocalRabbitCluster]) -> None:
-    cluster = make_rabbit_cluster(size=1)
-    cluster.start()
-    pids = cluster.pids()
-    names = {Path(f"/proc/{p}/comm").read_text().strip() for p in pids}
-    assert {"epmd", "beam.smp"} <= names, names
-    base_dir = cluster.base_dir
-    assert base_dir is not None and base_dir.exists()
-    cluster.close()
-    assert [p for p in pids if Path(f"/proc/{p}").exists()] == []
-    assert cluster.pids() == []
-    assert not base_dir.exists()
-    cluster.close()  # idempotent
-
-
-def test_close_after_a_failed_start(make_rabbit_cluster: Callable[..., LocalRabbitCluster]) -> None:
-    cluster = make_rabbit_cluster(size=2)
-    with pytest.raises(ClusterError):
-        cluster.start(timeout=0.5)  # spawns the nodes, then gives up
-    assert cluster.pids() == []
-    cluster.close()
-    assert cluster.pids() == []
-
-
-def test_missing_rabbitmq_names_the_install_command(
-    make_rabbit_cluster: Callable[..., LocalRabbitCluster], tmp_path: Path
+def test_a_missing_root_filesystem_names_the_command_that_builds_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cluster = make_rabbit_cluster(size=1, rabbitmq_home=tmp_path / "nowhere", version="3.10.8")
-    with pytest.raises(RabbitMQNotInstalledError) as excinfo:
-        cluster.start()
-    assert INSTALL_COMMAND in str(excinfo.value)
-    assert "rabbitmq-server" in str(excinfo.value)
-    cluster.close()
+    """No skipping: a twin whose RabbitMQ root is not built fails saying how to build it."""
+    monkeypatch.setenv(rootfs.CACHE_ENV, str(tmp_path / "empty-cache"))
+    with pytest.raises(twin.TwinError) as excinfo:
+        twin._root_for("4.3")
+    message = str(excinfo.value)
+    assert "rabbitmq-4.3" in message and "not built" in message
+    assert "make setup" in message and "localcluster.rootfs" in message

@@ -25,7 +25,7 @@ from localcluster.report import (
     throughput,
 )
 from localcluster.run import DEFAULT_FAULT_AT, parse_args
-from localcluster.sockets import connected_nodes
+from localcluster.sockets import established_endpoints
 
 
 def record(path: Path, event: str, task_id: str, worker: str, ts: float) -> None:
@@ -113,14 +113,13 @@ def test_parse_args_defaults_and_validation(capsys: pytest.CaptureFixture[str]) 
     capsys.readouterr()
 
 
-def test_connected_nodes_from_proc() -> None:
-    """Which "node" this very process is connected to, read from /proc."""
+def test_established_endpoints_from_proc() -> None:
+    """Which peers this very process is connected to, read from /proc."""
     with socket.create_server(("127.0.0.1", 0)) as server:
         port = server.getsockname()[1]
         with socket.create_connection(("127.0.0.1", port)):
-            assert connected_nodes(os.getpid(), [1, port]) == [1]
-            assert connected_nodes(os.getpid(), [1]) == []
-    assert connected_nodes(1 << 30, [port]) == []  # no such process
+            assert established_endpoints(os.getpid())[("127.0.0.1", port)] == 1
+    assert not established_endpoints(1 << 30)  # no such process
 
 
 def test_report_is_json_serialisable_types() -> None:
@@ -151,7 +150,7 @@ def facts(record: FaultRecord, lines: list[str], **changes: object) -> RunFacts:
         leftovers={},
         logs="out/local/logs",
     )
-    return RunFacts(**{**base.__dict__, **changes})  # type: ignore[arg-type]
+    return RunFacts(**{**base.__dict__, **changes})
 
 
 def test_the_report_of_a_broker_kill_counts_losses_duplicates_gaps_and_the_fault() -> None:
