@@ -45,10 +45,8 @@ VENVS = (
 )
 # uv installs the hash-locked set in seconds; pinned like everything else.
 UV_VERSION = "0.13.9"
-RABBITMQ_SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
-APT_INSTALL = "apt-get install -y --no-install-recommends rabbitmq-server"
-# `python -m localcluster --fault partition` cuts a node off with nftables rules
-# on loopback (localcluster/partition.py): root and the `nft` command.
+# The partition and machine-loss faults cut a pod's network with nftables rules in its
+# network namespace (localcluster/partition.py): root and the `nft` command.
 NFT_INSTALL = "apt-get install -y --no-install-recommends nftables"
 
 
@@ -96,35 +94,14 @@ def ensure_packages(python: Path, lock: Path = LOCK) -> None:
     stamp.write_text(digest)
 
 
-def ensure_rabbitmq() -> None:
-    if RABBITMQ_SERVER.exists():
-        return
-    if os.geteuid() != 0:
-        sys.exit(
-            "[bootstrap] the integration tests boot RabbitMQ from the OS package, which is "
-            f"not installed. Run:\n\n    sudo apt-get update && sudo {APT_INSTALL}\n"
-        )
-    if shutil.which("apt-get") is None:
-        sys.exit(
-            "[bootstrap] rabbitmq-server is missing and there is no apt-get: "
-            f"install it ({APT_INSTALL})"
-        )
-    say("installing rabbitmq-server from the OS packages")
-    # RUNLEVEL=1 keeps the package from starting a system-wide broker: the
-    # tests start their own nodes on their own ports.
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive", "RUNLEVEL": "1"}
-    run("apt-get", "update", "-qq", env=env)
-    run(*APT_INSTALL.split(), "-qq", env=env)
-
-
 def ensure_nftables() -> None:
-    """`nft` for the partition fault; only root can use it, so only root installs it."""
+    """`nft` for the network faults; only root can use it, so only root installs it."""
     if shutil.which("nft") is not None:
         return
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        say(f"no 'nft': the partition fault (needs root) will be skipped; as root: {NFT_INSTALL}")
+        say(f"no 'nft': the partition and machine-loss faults need it; as root: {NFT_INSTALL}")
         return
-    say("installing nftables from the OS packages (the partition fault)")
+    say("installing nftables from the OS packages (the partition and machine-loss faults)")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive", "RUNLEVEL": "1"}
     run("apt-get", "update", "-qq", env=env)
     run(*NFT_INSTALL.split(), "-qq", env=env)
@@ -178,7 +155,6 @@ def main() -> None:
         # Only the main venv needs pip (to install uv); uv installs the others.
         ensure_packages(ensure_venv(path, with_pip=path == VENV), lock)
     if not args.no_rabbitmq:
-        ensure_rabbitmq()
         ensure_nftables()
         ensure_rootfs()
 

@@ -56,7 +56,7 @@ def test_nftables_installed_for_the_partition_fault_only_as_root(
     monkeypatch.setattr(
         bootstrap.shutil, "which", lambda name: None if name == "nft" else f"/usr/bin/{name}"
     )
-    bootstrap.ensure_nftables()  # never fatal: only the partition fault needs it
+    bootstrap.ensure_nftables()  # never fatal: only the network faults need it
     if euid == 0:
         assert calls[-1][:4] == ("apt-get", "install", "-y", "--no-install-recommends")
         assert "nftables" in calls[-1]
@@ -121,5 +121,5 @@ def test_no_rabbitmq_skips_the_roots(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(bootstrap, "ensure_packages", lambda *a: None)
     monkeypatch.setattr(bootstrap, "ensure_venv", lambda *a, **k: Path("python"))
     monkeypatch.setattr(bootstrap, "ensure_rootfs", lambda: pytest.fail("roots"))
-    monkeypatch.setattr(bootstrap, "ensure_rabbitmq", lambda: pytest.fail("rabbitmq"))
+    monkeypatch.setattr(bootstrap, "ensure_nftables", lambda: pytest.fail("nftables"))
     bootstrap.main()
