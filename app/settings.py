@@ -22,7 +22,7 @@ Environment variables
 ``CELERY_POOL``             ``threads`` (default), ``prefork`` or ``solo``.
 ``CELERY_CONCURRENCY``      positive int; default 100 for threads (the tasks
                             mostly sleep), the CPU count for prefork, 1 for solo.
-``CELERY_BROKER_HEARTBEAT`` AMQP heartbeat in seconds (default 10, 0 = off).
+``CELERY_BROKER_HEARTBEAT`` AMQP heartbeat in seconds (default 3, 0 = off).
 ``CELERY_REMOTE_CONTROL``   ``1`` to let ``celery inspect``/``control`` reach the
                             workers (default ``0``: off, see ``celery_config``).
 ``CELERY_PUBLISH_RETRY_SECONDS`` how long a publish keeps retrying while no
@@ -66,7 +66,7 @@ BROKER_SCHEMES = ("amqp", "amqps", "pyamqp")
 POOLS = ("threads", "prefork", "solo")
 DEFAULT_QUEUE = "celery"
 DEFAULT_THREADS_CONCURRENCY = 100
-DEFAULT_HEARTBEAT_SECONDS = 10
+DEFAULT_HEARTBEAT_SECONDS = 3
 
 # --- The publish retry budget (the one place it is defined) -------------------
 # A publish (``apply_async`` of any task of app.celery: the scheduler,
@@ -327,9 +327,16 @@ def celery_config(settings: WorkerSettings) -> dict[str, Any]:
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
         "broker_connection_timeout": 4.0,
-        # Notice a silently dead broker (machine gone, no TCP reset) within about
-        # two heartbeats (~20 s) instead of the default's ~2 minutes; the
-        # redelivery of the tasks that node's consumers held waits on this.
+        # A silently dead peer (machine gone: no TCP reset) is noticed only through
+        # missed heartbeats, on both sides: RabbitMQ redelivers the tasks a lost
+        # worker held once it declares that worker's connection dead, and a worker
+        # leaves a lost broker the same way. Measured on the pod twin
+        # (worker-machine-loss, 2026-12-01): the lost worker's tasks ran again elsewhere
+        # 27.3 s after the loss with 10 s, 12.1 s with 4 s, 7.8 s with 3 s (the
+        # bound: 10 s plus the task's own length; docs/local.md). The price: a worker
+        # whose event loop is blocked that long (CPU-bound work in the threads pool
+        # holding the GIL) is taken for dead and its tasks are redelivered
+        # (duplicates, never losses).
         "broker_heartbeat": settings.heartbeat,
         # A channel error while (re)starting the consumer - e.g. a quorum queue
         # that has no leader for a moment during an election - restarts the

@@ -49,7 +49,7 @@ def test_no_loss_settings() -> None:
     assert conf["broker_connection_retry_on_startup"] is True
     assert conf["broker_connection_retry"] is True
     assert conf["broker_connection_max_retries"] is None
-    assert conf["broker_heartbeat"] == 10
+    assert conf["broker_heartbeat"] == 3
     assert conf["broker_channel_error_retry"] is True
     assert conf["worker_detect_quorum_queues"] is True
     # No pidbox queue to be locked on a lost node (see celery_config).
