@@ -471,6 +471,54 @@ def _prestop_command(args: RabbitmqClusterArgs) -> list[str]:
     return ["/bin/sh", "-c", script]
 
 
+def _start_command(args: RabbitmqClusterArgs) -> list[str] | None:
+    """``rabbitmq-server``, after pod 0 checked whether it lost its volume.
+
+    From 4.1 the Kubernetes plugin makes ordinal 0 the seed: a node with an empty data
+    directory joins pod 0, and pod 0 itself forms the cluster. So a pod 0 whose volume
+    was lost (a deleted PVC, a replaced disk) founds a SECOND cluster beside the one
+    pods 1..n still run - measured on the pod twin with 4.3.6 (docs/twin.md). Before
+    starting, pod 0 without its node directory looks for a peer that accepts AMQP (its
+    boot finished); if one does, it has that cluster forget the old pod 0 and joins it
+    (classic peer discovery, in a conf.d file of its own) instead of seeding. On the
+    very first start no peer has finished booting (they wait for pod 0): pod 0 seeds,
+    after one refused TCP connection per peer. None (the image's own command) before
+    4.1, whose plugin asks the Kubernetes API, or with a single replica.
+    """
+    rmq = args.rabbitmq
+    if needs_kubernetes_api(rmq.version) or rmq.replicas < 2:
+        return None
+    hosts = " ".join(
+        f"{STATEFULSET}-{i}.{HEADLESS_SERVICE}.{rmq.namespace}" for i in range(1, rmq.replicas)
+    )
+    conf_d = "/tmp/rabbitmq-conf.d"
+    rejoin = (
+        "cluster_formation.peer_discovery_backend = classic_config\\n"
+        "cluster_formation.classic_config.nodes.1 = rabbit@%s\\n"
+    )
+    # bash (in the image) for /dev/tcp; no "$(" anywhere: the kubelet expands $(NAME).
+    script = "; ".join(
+        [
+            f'if [ "${{MY_POD_NAME##*-}}" = 0 ] && [ ! -d "{DATA_DIR}/$RABBITMQ_NODENAME" ]',
+            f"then for host in {hosts}",
+            f'do if timeout 3 bash -c "echo > /dev/tcp/$host/{AMQP_PORT}" 2>/dev/null',
+            'then echo "pod 0 has no data and $host runs RabbitMQ: joining its cluster"',
+            'timeout 120 rabbitmqctl -q -n "rabbit@$host" forget_cluster_node '
+            '"$RABBITMQ_NODENAME" || true',
+            f"mkdir -p {conf_d}",
+            f"cp /etc/rabbitmq/conf.d/*.conf {conf_d}/",
+            f"printf '{rejoin}' \"$host\" > {conf_d}/90-rejoin.conf",
+            f"export RABBITMQ_CONFIG_FILES={conf_d}",
+            "break",
+            "fi",
+            "done",
+            "fi",
+            "exec rabbitmq-server",
+        ]
+    )
+    return ["/bin/bash", "-c", script]
+
+
 def _rabbitmq_container(args: RabbitmqClusterArgs) -> dict[str, Any]:
     rmq = args.rabbitmq
     env_suffix = []
@@ -572,6 +620,8 @@ def _rabbitmq_container(args: RabbitmqClusterArgs) -> dict[str, Any]:
         # A quorum needs a majority of the other nodes: with fewer than three
         # nodes the hook could only wait for its whole timeout.
         container["lifecycle"] = {"preStop": {"exec": {"command": _prestop_command(args)}}}
+    if (command := _start_command(args)) is not None:
+        container["command"] = command
     return container
 
 

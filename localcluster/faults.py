@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 WARM_SHUTDOWN_TIMEOUT = 120.0
 #: How long a partitioned node's peers may take to see it gone, and to see it back.
 PARTITION_TIMEOUT = 120.0
+#: How long a new pod 0 may take to be Ready, and then to be one cluster with its peers.
+POD0_TIMEOUT = 180.0
 
 
 class FaultContext(Protocol):
@@ -54,6 +56,10 @@ class FaultContext(Protocol):
     def sleep(self, seconds: float) -> None: ...
     def wait_for(self, what: str, predicate: Callable[[], bool], timeout: float) -> None: ...
     def published(self) -> int: ...
+    def completed(self) -> int:
+        """Tasks of this batch some worker finished."""
+        ...
+
     def all_done(self) -> bool: ...
     def recording(self, record: FaultRecord) -> FaultRecord:
         """Keep ``record`` as it fills: an interrupted fault still reports what it did."""
@@ -150,7 +156,7 @@ class BrokerPodFault:
                 self.name,
                 target=name,
                 found_by=how,
-                at_completed=run.tail.completed(),
+                at_completed=run.completed(),
                 in_flight_ids=sorted(run.tail.in_flight(victim.nodename_prefix)),
                 detail={"node": node},
             )
@@ -180,12 +186,12 @@ class ClusterRestart:
 
     def inject(self, run: FaultContext) -> FaultRecord:
         run.tail.poll()
-        queued = run.published() - run.tail.completed()
+        queued = run.published() - run.completed()
         record = run.recording(
             FaultRecord(
                 self.name,
                 target="all nodes",
-                at_completed=run.tail.completed(),
+                at_completed=run.completed(),
                 # Every worker runs tasks whose acks cannot reach the broker any more.
                 in_flight_ids=sorted(run.tail.in_flight("")),
                 detail={"queued_or_running": queued},
@@ -203,7 +209,7 @@ class ClusterRestart:
         # The graceful stop (preStop: drain) lets the workers go on for a while: what
         # is still to do once every broker is down is what the restart must keep.
         run.tail.poll()
-        record.detail["unfinished_when_stopped"] = run.published() - run.tail.completed()
+        record.detail["unfinished_when_stopped"] = run.published() - run.completed()
         run.sleep(run.down_seconds)
         run.set_phase("cluster restarting")
         record.restarted = time.time()
@@ -233,7 +239,7 @@ class Partition:
                 self.name,
                 target=name,
                 found_by=how,
-                at_completed=run.tail.completed(),
+                at_completed=run.completed(),
                 in_flight_ids=sorted(run.tail.in_flight(victim.nodename_prefix)),
                 detail={"node": node},
             )
@@ -315,7 +321,7 @@ class WorkerPodFault:
                 self.name,
                 target=victim.name,
                 found_by="the first worker pod",
-                at_completed=run.tail.completed(),
+                at_completed=run.completed(),
                 in_flight_ids=sorted(run.tail.in_flight(prefix)),
                 detail={"pid": victim.pid},
             )
@@ -436,7 +442,7 @@ class MachineLoss:
                 self.name,
                 target=name,
                 found_by=how,
-                at_completed=run.tail.completed(),
+                at_completed=run.completed(),
                 detail={"node": node},
             )
         )
@@ -497,7 +503,7 @@ class MachineLoss:
                 self.name,
                 target=victim.name,
                 found_by="the first worker pod",
-                at_completed=run.tail.completed(),
+                at_completed=run.completed(),
                 in_flight_ids=in_flight,
             )
         )
@@ -539,6 +545,52 @@ class MachineLoss:
         return record
 
 
+class Pod0VolumeLoss:
+    """Pod 0 killed, its volume emptied (a deleted PVC, a replaced disk), a new pod 0
+    started: it must rejoin the cluster pods 1..n run, never seed a second one (from
+    4.1 the Kubernetes plugin makes ordinal 0 the seed; the StatefulSet's start
+    command handles it, components/rabbitmq.py)."""
+
+    name = "pod0-volume-loss"
+    help = "pod 0's volume emptied and the pod replaced: it must rejoin, not found a new cluster"
+
+    def inject(self, run: FaultContext) -> FaultRecord:
+        nodes = run.nodes
+        name = nodes.node_names[0]
+        run.tail.poll()
+        record = run.recording(
+            FaultRecord(
+                self.name,
+                target=name,
+                found_by="ordinal 0 (the seed of Kubernetes peer discovery from 4.1)",
+                at_completed=run.completed(),
+                detail={"node": 0},
+            )
+        )
+        run.set_phase(f"{name} LOST ITS VOLUME")
+        record.injected = time.time()
+        run.say(f"FAULT: {name} killed and its volume emptied, {record.at_completed} completed")
+        nodes.stop_node(0, graceful=False)
+        nodes.empty_volume(0)
+        run.sleep(run.down_seconds)
+        run.set_phase(f"{name} replaced")
+        record.restarted = time.time()
+        nodes.twin.start_pod(0).wait_ready(POD0_TIMEOUT)
+        try:
+            nodes.wait_clustered(timeout=POD0_TIMEOUT)
+            record.back = time.time()
+            record.detail["one_cluster"] = True
+        except TimeoutError:
+            record.detail["one_cluster"] = False
+        record.detail["running_nodes"] = {
+            nodes.node_names[i]: _running_nodes_or_error(nodes, i)
+            for i in range(len(nodes.node_names))
+        }
+        how = "rejoined the cluster" if record.detail["one_cluster"] else "did NOT rejoin"
+        run.say(f"{name} {how}: {record.detail['running_nodes']}")
+        return record
+
+
 class Fault(Protocol):
     @property
     def name(self) -> str: ...
@@ -559,6 +611,7 @@ FAULTS: dict[str, Fault] = {
         Partition(),
         MachineLoss(worker=False),
         MachineLoss(worker=True),
+        Pod0VolumeLoss(),
         NoFault(),
     )
 }

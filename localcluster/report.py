@@ -121,13 +121,14 @@ class LedgerTail:
             return set(ids) - self.finished
 
     def in_flight(self, worker_prefix: str) -> set[str]:
-        """Tasks a worker (``name@``) started and has not finished."""
+        """Tasks a worker (``name@``) started that no worker has finished (a dead
+        worker's tasks that ran again elsewhere are not in flight any more)."""
         with self._lock:
             found: set[str] = set()
             for worker, ids in self.running.items():
                 if worker.startswith(worker_prefix):
                     found |= ids
-            return found
+            return found - self.finished
 
     def redelivered_after(
         self, ids: Iterable[str], worker_prefix: str, since: float

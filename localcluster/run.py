@@ -72,6 +72,8 @@ DEFAULT_DOWN_SECONDS = 5.0
 # monitor grace period 40 s) and replace its pod.
 DEFAULT_LOST_MACHINE_SECONDS = 60.0
 TARGETS = ("worker", "scheduler", "leader")
+#: The marks of a run's boot, kept across its batches.
+BOOT_MARKS = ("begin", "cluster_ready", "workers_ready")
 DEFAULT_TIMEOUT = 600.0
 
 
@@ -92,6 +94,11 @@ class LocalRun:
         self.nodes: RabbitPods
         self.workers: PodWorkers
         self.tail = LedgerTail(self.logs / "ledger.jsonl")
+        self.ledger_path = self.logs / "ledger.jsonl"
+        self.ids_path = self.logs / "ids.txt"
+        #: Task ids of the batches before this one (a run may run several, on one boot).
+        self.earlier_ids: set[str] = set()
+        self.batches = 0
         self.scheduler: SchedulerPod | None = None
         self.scheduler_exit: int | None = None
         self.marks: dict[str, float] = {}  # wall-clock (time.time()) of each step
@@ -122,6 +129,12 @@ class LocalRun:
 
     def published(self) -> int:
         return len(self.scheduler.published_ids()) if self.scheduler else 0
+
+    def completed(self) -> int:
+        if self.scheduler is None:
+            return 0
+        ids = self.scheduler.published_ids()
+        return len(ids) - len(self.tail.missing(ids))
 
     def sleep(self, seconds: float) -> None:
         end = time.monotonic() + seconds
@@ -165,30 +178,52 @@ class LocalRun:
         workers = sum(w.alive() for w in self.workers.procs)
         elapsed = now - self.marks.get("publish", now)
         return (
-            f"t={elapsed:6.1f}s done {self.tail.completed():>6}/{self.published():<6} of "
+            f"t={elapsed:6.1f}s done {self.completed():>6}/{self.published():<6} of "
             f"{self.args.tasks} rate {self.tail.rate(now):6.1f}/s  nodes up {nodes}/"
             f"{len(self.nodes.node_names)}  workers up {workers}  [{self.phase}]"
         )
 
     # -------------------------------------------------------------------- steps
     def execute(self) -> None:
-        args = self.args
+        """What ``make local`` does: boot, then one batch of tasks with its fault."""
+        self.boot()
+        self.batch()
+
+    def boot(self) -> None:
+        """The cluster, Ready: RabbitMQ pods clustered, worker pods Ready."""
         self._clean_logs()
         self.marks["begin"] = time.time()
         self.phase = "booting RabbitMQ"
         self._boot()
         self.marks["workers_ready"] = time.time()
+
+    def batch(self) -> None:
+        """``--tasks`` published by a scheduler pod, ``--fault`` injected once
+        ``--fault-at`` of them completed, then wait until every confirmed one completed.
+        A run may run several batches on one boot (each with its own ``args``)."""
+        args = self.args
+        assert self.twin is not None, "boot() first"
+        if self.batches:
+            self.earlier_ids |= set(ledger.read_ids(self.ids_path))
+            self.marks = {k: v for k, v in self.marks.items() if k in BOOT_MARKS}
+        self.batches += 1
+        self.down_seconds, self.target = args.down_seconds, args.target
+        self.scheduler, self.scheduler_exit, self.timed_out = None, None, False
+        self.record = FaultRecord(args.fault)
+        self.confirms = []
+        self._watching = threading.Event()
+        self.ids_path = self.workers.shared / f"ids-{self.batches}.txt"
         self.phase = "running"
         self.marks["publish"] = time.time()
-        self.scheduler = self.workers.scheduler(rate=args.rate)
-        threading.Thread(target=self._count_confirms, daemon=True).start()
+        self.scheduler = self.workers.scheduler(self.ids_path, rate=args.rate, tasks=args.tasks)
+        threading.Thread(target=self._count_confirms, args=(self._watching,), daemon=True).start()
         self.console.show(self.progress_line)
         deadline = time.monotonic() + args.timeout
         if args.fault != "none":
             target = max(1, math.ceil(args.tasks * args.fault_at))
             self.wait_for(
                 f"{target} completed tasks",
-                lambda: self.all_done() or self.tail.completed() >= target,
+                lambda: self.all_done() or self.completed() >= target,
                 deadline - time.monotonic(),
             )
         self.record = FAULTS[args.fault].inject(self)
@@ -203,6 +238,8 @@ class LocalRun:
             self.say(f"gave up waiting after --timeout {args.timeout:.0f} s")
             self.timed_out = True
         self.marks["end"] = time.time()
+        self._watching.set()
+        self.console.show(None)  # until the next batch: nothing moves
         self.phase = "done"
 
     def _boot(self) -> None:
@@ -226,7 +263,8 @@ class LocalRun:
         self.queue = worker_env.get(ENV_QUEUE, DEFAULT_QUEUE)
         self.vhost = unquote(urlsplit(self.twin.broker_urls()[0]).path.lstrip("/"))
         # The pods write the ledger on the run's shared directory; read it live.
-        self.tail = LedgerTail(self.workers.ledger)
+        self.ledger_path = self.workers.ledger
+        self.tail = LedgerTail(self.ledger_path)
         self.nodes.start()
         self.marks["cluster_ready"] = time.time()
         ready = {n: round(p.wait_ready(0), 1) for n, p in self.twin.pods.items()}
@@ -236,7 +274,7 @@ class LocalRun:
             "run_id": self.twin.run_id,
             "pods_ready_s": ready,
             "mounted_files_sha256": self.nodes.mounted_files(),
-            "adaptations": twin.ADAPTATIONS,
+            "adaptations": self.twin.adaptations,
         }
         self.say(
             f"run {self.twin.run_id}: RabbitMQ {self.nodes.version} pods Ready after {ready} s, "
@@ -250,11 +288,11 @@ class LocalRun:
             "broker list rotated by pod name)"
         )
 
-    def _count_confirms(self, every: float = 0.2) -> None:
+    def _count_confirms(self, stop: threading.Event, every: float = 0.2) -> None:
         """When the scheduler's confirmed count grew (its ids file), until it exits."""
         scheduler = self.scheduler
         assert scheduler is not None
-        while not self._watching.wait(every):
+        while not stop.wait(every):
             count = len(scheduler.published_ids())
             if not self.confirms or count != self.confirms[-1][1]:
                 self.confirms.append((time.time(), count))
@@ -276,10 +314,10 @@ class LocalRun:
         """The ledger, the ids and the pods' logs live in the run's directory, which
         :meth:`close` removes: copy them to --out/logs first."""
         assert self.twin is not None
-        for name in ("ledger.jsonl", "ids.txt"):
-            source = self.workers.shared / name
-            if source.exists():
+        for source, name in ((self.ledger_path, "ledger.jsonl"), (self.ids_path, "ids.txt")):
+            if source.exists() and source.parent != self.logs:
                 shutil.copyfile(source, self.logs / name)
+        self.ledger_path, self.ids_path = self.logs / "ledger.jsonl", self.logs / "ids.txt"
         for name, pod in {**self.twin.pods, **self.twin.extra_pods}.items():
             with contextlib.suppress(OSError):
                 (self.logs / f"{name}.log").write_text(pod.tail(lines=400) + "\n")
@@ -305,9 +343,13 @@ class LocalRun:
 
     # ------------------------------------------------------------------- report
     def facts(self, status: str, problems: list[str]) -> RunFacts:
-        """What the run measured, read from the files :meth:`close` kept."""
+        """What the (last) batch measured: its ids, and the ledger without the lines of
+        earlier batches (read live, or from the files :meth:`close` kept)."""
         args = self.args
-        ids_file, ledger_file = self.logs / "ids.txt", self.logs / "ledger.jsonl"
+        ids_file, ledger_file = self.ids_path, self.ledger_path
+        lines = ledger_file.read_text(errors="replace").splitlines() if ledger_file.exists() else []
+        if self.earlier_ids:
+            lines = [line for line in lines if not _about(line, self.earlier_ids)]
         return RunFacts(
             status=status,
             problems=problems,
@@ -323,9 +365,7 @@ class LocalRun:
                 "timeout": args.timeout,
             },
             ids=ledger.read_ids(ids_file) if ids_file.exists() else [],
-            ledger_lines=ledger_file.read_text(errors="replace").splitlines()
-            if ledger_file.exists()
-            else [],
+            ledger_lines=lines,
             fault=self.record,
             marks=self.marks,
             scheduler_exit=self.scheduler_exit,
@@ -337,6 +377,14 @@ class LocalRun:
             logs=str(self.logs),
             confirms=list(self.confirms),
         )
+
+
+def _about(line: str, task_ids: set[str]) -> bool:
+    """Whether a ledger line is about one of ``task_ids``."""
+    try:
+        return json.loads(line).get("task_id") in task_ids
+    except (ValueError, AttributeError):
+        return False
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

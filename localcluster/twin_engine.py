@@ -80,6 +80,15 @@ class RabbitPods:
     def freeze(self, i: int) -> None:
         self._pod(i).freeze()
 
+    def empty_volume(self, i: int) -> None:
+        """Pod ``i``'s PersistentVolumeClaims emptied (a deleted PVC, a replaced disk)."""
+        for claim in self.twin.files(self.node_names[i]).pvc_dir.iterdir():
+            for entry in claim.iterdir():
+                if entry.is_dir() and not entry.is_symlink():
+                    pods.remove_tree(entry)
+                else:
+                    entry.unlink()
+
     def queue_leader(self, queue: str, vhost: str, ask: int) -> int | None:
         """The ordinal of the pod leading quorum queue ``vhost/queue``, asked of pod ``ask``."""
         out = self.twin.rabbitmqctl(
@@ -274,13 +283,15 @@ class PodWorkers:
             worker.wait_ready(timeout)
         return started
 
-    def scheduler(self, rate: float = 0.0) -> SchedulerPod:
-        """The scheduler Job's pod, writing the ids RabbitMQ confirmed to the shared dir."""
-        shared_ids = self.shared / "ids.txt"
-        pod = self.twin.run_scheduler(
-            self.env, ["--ids-file", str(shared_ids), "--rate", repr(rate), "--no-progress"]
-        )
-        return SchedulerPod(pod, shared_ids)
+    def scheduler(
+        self, ids_file: Path, rate: float = 0.0, tasks: int | None = None
+    ) -> SchedulerPod:
+        """A pod of the scheduler Job, writing the ids RabbitMQ confirmed to ``ids_file``
+        (on the shared directory); ``tasks`` overrides the Job's own count."""
+        extra = ["--ids-file", str(ids_file), "--rate", repr(rate), "--no-progress"]
+        if tasks is not None:
+            extra += ["--tasks", str(tasks)]  # the last --tasks wins
+        return SchedulerPod(self.twin.run_scheduler(self.env, extra), ids_file)
 
     def leftover_pids(self) -> set[int]:
         return {p for pod in self.twin.extra_pods.values() for p in pod.pids()}

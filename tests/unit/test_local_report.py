@@ -239,3 +239,16 @@ def test_the_ledger_tail_says_when_a_lost_workers_tasks_started_elsewhere(tmp_pa
     assert tail.redelivered_after(["a", "b"], "celery@w0", 2.0) == 7.5
     assert tail.restarted_elsewhere(["a", "b"], "celery@w0")
     assert tail.redelivered_after([], "celery@w0", 2.0) is None
+
+
+def test_a_dead_workers_task_finished_elsewhere_is_not_in_flight(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.jsonl"
+    record(path, START, "a", "celery@w0", 1.0)  # w0 dies with "a" running
+    record(path, START, "b", "celery@w1", 1.5)
+    tail = LedgerTail(path)
+    tail.poll()
+    assert tail.in_flight("") == {"a", "b"}
+    record(path, START, "a", "celery@w2", 5.0)
+    record(path, FINISH, "a", "celery@w2", 6.0)  # redelivered and done elsewhere
+    tail.poll()
+    assert tail.in_flight("") == {"b"} and tail.in_flight("celery@w0") == set()

@@ -702,3 +702,33 @@ def test_deletion_outlasts_the_grace_period_and_the_prestop_hook() -> None:
         assert int(timeouts.delete.rstrip("m")) * 60 > args.rabbitmq.termination_grace_seconds
         await_s, drain_s = rabbitmq.prestop_timeouts(args.rabbitmq.termination_grace_seconds)
         assert int(timeouts.delete.rstrip("m")) * 60 > await_s + drain_s
+
+
+@pytest.mark.parametrize(
+    ("image", "replicas", "wrapped"),
+    [
+        ("rabbitmq:4.3.6-management", 3, True),
+        ("rabbitmq:4.1.4-management", 5, True),
+        ("rabbitmq:4.0.9-management", 3, False),  # the API-based plugin: nothing to fix
+        ("rabbitmq:4.3.6-management", 1, False),  # no peer to rejoin
+    ],
+)
+def test_pod_0_without_its_volume_rejoins_instead_of_seeding(
+    image: str, replicas: int, wrapped: bool
+) -> None:
+    """From 4.1 ordinal 0 seeds: a pod 0 whose volume was lost would found a second
+    cluster (measured on the twin). Its start command joins a running peer instead."""
+    args = _with_rabbitmq(_config("prod"), image=image, replicas=replicas)
+    container = _container(rabbitmq.stateful_set(args))
+    if not wrapped:
+        assert "command" not in container  # the image's own rabbitmq-server
+        return
+    shell, flag, script = container["command"]
+    assert (shell, flag) == ("/bin/bash", "-c")
+    assert "$(" not in script  # the kubelet would expand $(NAME) itself
+    assert script.startswith('if [ "${MY_POD_NAME##*-}" = 0 ]')
+    assert '[ ! -d "/var/lib/rabbitmq/mnesia/$RABBITMQ_NODENAME" ]' in script
+    peers = [f"rabbitmq-server-{i}.rabbitmq-nodes.rabbitmq" for i in range(1, replicas)]
+    assert f"for host in {' '.join(peers)};" in script
+    assert "forget_cluster_node" in script and "classic_config" in script
+    assert script.endswith("; exec rabbitmq-server")  # PID 1 is RabbitMQ, as before

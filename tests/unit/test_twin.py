@@ -55,7 +55,9 @@ def test_a_statefulset_pod_is_its_manifest(
     env = dict(spec.container.env)
     assert env["RABBITMQ_NODENAME"] == "rabbit@rabbitmq-server-1.rabbitmq-nodes.rabbitmq"
     assert env["MY_POD_NAMESPACE"] == "rabbitmq"
-    assert spec.container.argv == ("rabbitmq-server",)  # the image's default command
+    # The manifest's command: pod 0's rejoin check, then the image's rabbitmq-server.
+    shell, flag, script = spec.container.argv
+    assert (shell, flag) == ("/bin/bash", "-c") and script.endswith("exec rabbitmq-server")
     assert (spec.container.uid, spec.container.gid) == (999, 999)
     assert spec.container.read_only_root is True
     targets = [m.target for m in spec.container.mounts]
@@ -95,7 +97,7 @@ def test_the_container_script_mounts_then_drops_to_the_pod_user(
     ro = lines.index(f"mount -o remount,bind,ro {merged}")
     assert all(not line.startswith("mount --bind") for line in lines[ro:])
     assert lines[-1].startswith(f"exec chroot {merged} setpriv --reuid=999 --regid=999")
-    assert lines[-1].endswith(" rabbitmq-server")
+    assert lines[-1].endswith("exec rabbitmq-server'")
 
 
 def test_hosts_file_names_every_pod() -> None:
