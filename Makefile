@@ -59,9 +59,10 @@ plans: setup-cloud
 local: setup
 	$(VENV_PY) -m localcluster $(ARGS)
 
-# The article's configuration (ha-all mirrored classic queue, Celery defaults)
-# against ours on one local 3-node cluster, 3 runs each: out/bench/results.json,
-# out/bench/bench.png and a table.  About 10 minutes with the defaults.
+# The article's configuration (ha-all mirrored classic queue, Celery defaults) on
+# RabbitMQ 3.10 pods against ours on 4.3 pods, as shipped (two pod twins, needs root),
+# 3 runs each: out/bench/results.json, out/bench/bench.png and a table.  About 16
+# minutes with the defaults.
 #   make bench ARGS="--runs 5 --sleep-tasks 1000"   (see: .venv/bin/python -m bench --help)
 .PHONY: bench
 bench: setup

@@ -17,7 +17,8 @@ A task id is appended to ``--ids-file`` only after its ``apply_async`` returned
 without an exception: what the producer believes it published.  The timing goes
 to ``--result-file`` as JSON (wall-clock ``time.time()`` of the first and last
 publish, so it lines up with the ledger).  Broker URLs, queue and rotation come
-from the environment, as for the workers (``localcluster.workers.Workers.env``).
+from the environment, as for the workers: ``bench.run`` runs this as a pod of the
+worker Deployment's template, with its env (and ``CELERY_BROKER_ROTATION=0``).
 Exit status 0 even if some publishes failed: the counts say so.
 """
 
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     published = failed = consecutive = 0
     errors: list[str] = []
     first = last = None
+    close_error: str | None = None
     t0 = time.monotonic()
     with args.ids_file.open("a", encoding="utf-8") as ids, app.producer_or_acquire() as producer:
         # Connect (and declare) before the clock starts: the rate is the loop's.
@@ -104,7 +106,16 @@ def main(argv: list[str] | None = None) -> int:
             last = now
             ids.write(task_id + "\n")
             ids.flush()
-    ended = time.time()
+        ended = time.time()
+        # Close with AMQP's handshake: RabbitMQ answers close-ok only once it has
+        # processed every frame sent before, so no publish (an unconfirmed one
+        # included) is left in this process's socket buffer when it exits and the
+        # bench removes its pod's network. Seen without it: the last 185 of 5,000
+        # unconfirmed publishes never reached the queue.
+        try:
+            producer.connection.close()
+        except Exception as exc:  # a connection the broker already dropped: recorded
+            close_error = repr(exc)
     elapsed = ended - started
     result = {
         "config": args.config,
@@ -119,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         "ended": ended,
         "elapsed_s": elapsed,
         "rate": published / elapsed if elapsed > 0 else None,
+        "close_error": close_error,
     }
     args.result_file.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "errors"}), flush=True)

@@ -9,9 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import shutil
 import statistics
-import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -65,18 +63,10 @@ def spread(values: Sequence[float | None]) -> dict[str, Any]:
     }
 
 
-def _erlang_version() -> str | None:
-    if shutil.which("dpkg-query") is None:
-        return None
-    result = subprocess.run(
-        ["dpkg-query", "-W", "-f=${Version}", "erlang-base"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        return None
-    return result.stdout.strip() or None
+def _per_side(values: dict[str, str | None]) -> str | None:
+    """``"3.10.8 (article), 4.3.6 (ours)"``: one line for the table and the plot."""
+    known = [f"{values[k]} ({k})" for k in CONFIG_KEYS if values.get(k)]
+    return ", ".join(known) or None
 
 
 def build_results(
@@ -89,9 +79,14 @@ def build_results(
     runs: dict[str, list[dict[str, Any]]],
     checks: dict[str, Any],
     timings: dict[str, float],
-    rabbitmq_version: str | None,
-    pids: list[int],
+    rabbitmq_versions: dict[str, str],
+    twins: dict[str, dict[str, Any]],
+    bench_adaptations: dict[str, str],
 ) -> dict[str, Any]:
+    """Everything ``results.json`` holds, from what a bench collected (no I/O but the
+    machine's description). ``rabbitmq_versions``: what ``rabbitmqctl version`` printed
+    in each side's pods; ``twins``: each side's twin (stack, run id, image, root,
+    Erlang, adaptations, boot times, what its close left)."""
     params = {k: v for k, v in vars(args).items() if k not in ("out", "verbose")}
     per_config: dict[str, Any] = {}
     for key in CONFIG_KEYS:
@@ -99,6 +94,8 @@ def build_results(
         summary = {m.key: spread([r.get(m.key) for r in config_runs]) for m in (*METRICS, _IDEAL)}
         per_config[key] = {
             "settings": configs.get(key, {}),
+            "rabbitmq": rabbitmq_versions.get(key),
+            "twin": twins.get(key),
             "queue_check": checks.get(key),
             "summary": summary,
             "runs": config_runs,
@@ -111,8 +108,8 @@ def build_results(
             "ours_minus_article": None if a is None or o is None else o - a,
             "ours_over_article": None if not a or o is None else o / a,
         }
-    machine = machine_info(rabbitmq_version)
-    machine["erlang"] = _erlang_version()
+    machine = machine_info(_per_side(dict(rabbitmq_versions)))
+    machine["erlang"] = _per_side({k: (t or {}).get("erlang") for k, t in twins.items()})
     return {
         "status": status,
         "problems": problems,
@@ -121,13 +118,13 @@ def build_results(
         "machine": machine,
         "params": params,
         "timings_s": timings,
+        "bench_adaptations": bench_adaptations,
         "metrics": [
             {"key": m.key, "label": m.label, "unit": m.unit, "higher_is_better": m.higher_is_better}
             for m in (*METRICS, _IDEAL)
         ],
         "configs": per_config,
         "comparison": comparison,
-        "pids": pids,
     }
 
 

@@ -4,7 +4,7 @@ Two pod twins (:class:`localcluster.twin.StatefulSetTwin`) of the prod stack, th
 program's own rendered StatefulSet, Deployment and Secrets run as pods here:
 
 * ``article``: the stack with its RabbitMQ image set to 3.10.8 (``rabbitmq.image``, as
-  ``pulumi config set`` would; the newest RabbitMQ with classic mirroring, which 4.0
+  ``pulumi config set`` would; a 3.x that still has classic mirroring, which 4.0
   removed), pods on the bookworm root (:data:`localcluster.rootfs.RABBITMQ_3_10`).
   Vhost ``article`` with the article's policy, set with ``rabbitmqctl set_policy -p
   article ha-all ".*" '{"ha-mode":"all","ha-sync-mode":"automatic"}'``, and
@@ -120,6 +120,9 @@ BENCH_ADAPTATIONS = {
     "CELERY_BROKER_ROTATION=0 (both sides' producer on pod 0 first)",
     "measurement env": "TASK_LEDGER on the twin's shared directory (each execution's "
     "start and finish), read by the bench on this host",
+    "ours' remote control": "CELERY_REMOTE_CONTROL=1 on ours' worker pods (shipped: off, "
+    "see app/settings.py): the bench pauses and resumes consumers by Celery's remote "
+    "control; the article's workers have it on by Celery's default",
     "bench on the host": "remote control (cancel/add consumer), queue checks and the "
     "ledger reading run on this host, reaching the pods by address",
 }
@@ -403,9 +406,6 @@ class Bench:
         )
 
     def _start_pods(self, side: Side) -> None:
-        # Reserve this twin's subnet now: the next twin picks the first /24 whose
-        # bridge does not exist yet.
-        side.twin.network.open()
         side.boot["started_at"] = time.monotonic()
         for ordinal in range(len(side.twin.pod_names)):
             side.twin.start_pod(ordinal)
