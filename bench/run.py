@@ -424,18 +424,10 @@ class Bench:
 
     def wait_whole(self, side: Side, timeout: float) -> None:
         """Until every pod lists every node as running."""
-        n = len(side.twin.pod_names)
-        deadline = time.monotonic() + timeout
-        while True:
-            with contextlib.suppress(twin.TwinError, pods.PodError, OSError, ValueError):
-                if all(len(side.twin.running_nodes(i)) == n for i in range(n)):
-                    return
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"{side.config.key}: the RabbitMQ pods did not form one cluster in "
-                    f"{timeout:.0f} s"
-                )
-            time.sleep(1)
+        try:
+            side.twin.wait_clustered(timeout)
+        except twin.TwinError as error:
+            raise TimeoutError(f"{side.config.key}: {error}") from error
 
     # -------------------------------------------------------------------- runs
     def execute(self) -> None:

@@ -24,7 +24,7 @@ from localcluster import partition, rabbitlog
 
 if TYPE_CHECKING:
     from localcluster.report import LedgerTail
-    from localcluster.twin_engine import PodWorkers, RabbitPods
+    from localcluster.twin_engine import PodWorker, PodWorkers, RabbitPods
 
 #: A warm shutdown waits for the running tasks (10 x --task-seconds each).
 WARM_SHUTDOWN_TIMEOUT = 120.0
@@ -290,6 +290,28 @@ def _running_nodes_or_error(nodes: RabbitPods, node: int) -> list[str] | str:
         return f"unavailable: {str(exc)[-200:]}"
 
 
+def _busy_first_worker(run: FaultContext, fault: str) -> tuple[PodWorker, FaultRecord]:
+    """Worker pod w0 once it runs tasks, and the record of a fault about to hit it."""
+    victim = run.workers.procs[0]
+    prefix = victim.nodename_prefix
+    run.wait_for(
+        f"worker {victim.name} to run tasks",
+        lambda: bool(run.tail.in_flight(prefix)) or run.all_done(),
+        60,
+    )
+    run.tail.poll()
+    record = run.recording(
+        FaultRecord(
+            fault,
+            target=victim.name,
+            found_by="the first worker pod",
+            at_completed=run.completed(),
+            in_flight_ids=sorted(run.tail.in_flight(prefix)),
+        )
+    )
+    return victim, record
+
+
 @dataclass(frozen=True)
 class WorkerPodFault:
     """SIGKILL of worker pod w0 mid-task (a machine dying), or its deletion (SIGTERM:
@@ -308,24 +330,8 @@ class WorkerPodFault:
         return "SIGKILL every process of worker pod w0 mid-task"
 
     def inject(self, run: FaultContext) -> FaultRecord:
-        victim = run.workers.procs[0]
-        prefix = victim.nodename_prefix
-        run.wait_for(
-            f"worker {victim.name} to run tasks",
-            lambda: bool(run.tail.in_flight(prefix)) or run.all_done(),
-            60,
-        )
-        run.tail.poll()
-        record = run.recording(
-            FaultRecord(
-                self.name,
-                target=victim.name,
-                found_by="the first worker pod",
-                at_completed=run.completed(),
-                in_flight_ids=sorted(run.tail.in_flight(prefix)),
-                detail={"pid": victim.pid},
-            )
-        )
+        victim, record = _busy_first_worker(run, self.name)
+        record.detail["pid"] = victim.pid
         run.set_phase(f"{victim.name} stopping" if self.graceful else f"{victim.name} DEAD")
         record.injected = time.time()
         verb = "deleted (SIGTERM, warm shutdown)" if self.graceful else "SIGKILLed"
@@ -489,24 +495,9 @@ class MachineLoss:
         return record
 
     def _worker(self, run: FaultContext) -> FaultRecord:
-        victim = run.workers.procs[0]
+        victim, record = _busy_first_worker(run, self.name)
         prefix = victim.nodename_prefix
-        run.wait_for(
-            f"worker {victim.name} to run tasks",
-            lambda: bool(run.tail.in_flight(prefix)) or run.all_done(),
-            60,
-        )
-        run.tail.poll()
-        in_flight = sorted(run.tail.in_flight(prefix))
-        record = run.recording(
-            FaultRecord(
-                self.name,
-                target=victim.name,
-                found_by="the first worker pod",
-                at_completed=run.completed(),
-                in_flight_ids=in_flight,
-            )
-        )
+        in_flight = record.in_flight_ids or []
         quiet = partition.silence(victim.pod.netns)
         run.set_phase(f"{victim.name} LOST")
         record.injected = time.time()

@@ -545,16 +545,24 @@ class Pod:
         self._stopping = True
         if running is not None:
             self._kill_container(running)
-        for pid in self.pids():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        self._kill_members()
         # A frozen process dies of its SIGKILL only once thawed (a lost machine's pod).
         if self.frozen():
             self.thaw()
         if running is not None:
             running.proc.wait()
+        # Until the cgroup is empty: what started meanwhile (a probe's exec) goes too.
+        deadline = time.monotonic() + 10
+        while self.pids() and time.monotonic() < deadline:
+            self._kill_members()
+            time.sleep(0.02)
         self._set_ready(False)
         self._event("killed")
+
+    def _kill_members(self) -> None:
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     def freeze(self) -> None:
         (self.cgroup("freezer") / "freezer.state").write_text("FROZEN")

@@ -784,7 +784,14 @@ class StatefulSetTwin:
             try:
                 if all(len(self.running_nodes(i)) == expected for i in range(expected)):
                     return time.monotonic() - begin
-            except (TwinError, pods.PodError, KeyError, ValueError, subprocess.TimeoutExpired):
+            except (
+                TwinError,
+                pods.PodError,
+                KeyError,
+                ValueError,
+                OSError,
+                subprocess.TimeoutExpired,
+            ):
                 pass  # a pod not (yet) running or answering
             if time.monotonic() - begin > timeout:
                 raise TwinError(f"the pods did not form one cluster in {timeout:.0f} s")

@@ -138,20 +138,12 @@ class RabbitPods:
     def running_nodes(self, i: int = 0) -> list[str]:
         return self.twin.running_nodes(i)
 
-    def wait_clustered(self, timeout: float = 120, nodes: list[int] | None = None) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if all(
-                    len(self.running_nodes(i)) == len(self.node_names)
-                    for i in (nodes if nodes is not None else range(len(self.node_names)))
-                ):
-                    return
-            except (twin.TwinError, pods.PodError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the pods did not form one cluster in {timeout:.0f} s")
-            time.sleep(1)
+    def wait_clustered(self, timeout: float = 120) -> None:
+        """Until every pod lists every pod as running (TimeoutError after ``timeout``)."""
+        try:
+            self.twin.wait_clustered(timeout)
+        except twin.TwinError as error:
+            raise TimeoutError(str(error)) from error
 
     def connected_nodes(self, pid: int) -> list[int]:
         """The RabbitMQ pods process ``pid`` (in a pod) has AMQP connections to."""
