@@ -742,6 +742,20 @@ class StatefulSetTwin:
         """SIGKILL every process of the pod at once (a node that crashes)."""
         self.pod(ordinal).kill()
 
+    def set_label(self, ordinal: int, key: str, value: str) -> None:
+        """``kubectl label pod``: the pod's downward API files of that label follow it (a
+        new pod of the StatefulSet starts without it, as in Kubernetes)."""
+        name = self.pod_names[ordinal]
+        field = f"metadata.labels['{key}']"
+        found = False
+        for volume in self.statefulset["spec"]["template"]["spec"].get("volumes", []):
+            for item in (volume.get("downwardAPI") or {}).get("items", []):
+                if item.get("fieldRef", {}).get("fieldPath") == field:
+                    (self.files(name).volume(volume["name"]) / item["path"]).write_text(value)
+                    found = True
+        if not found:
+            raise TwinError(f"{name}: no downward API file shows the label {key!r}")
+
     def stop_pods(self, ordinals: Sequence[int] | None = None) -> dict[int, float]:
         """Graceful stops of the pods, all at once (``kubectl delete pod`` of each: preStop,
         SIGTERM, SIGKILL after the grace period); the seconds each took."""

@@ -18,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from components.rabbitmq import SKIP_PRESTOP_LABEL
 from localcluster import pods, rootfs, twin
 from localcluster.sockets import established_endpoints
 from tools.mockrun import stack_config
@@ -118,6 +119,13 @@ class RabbitPods:
         self.wait_clustered(timeout)
 
     def stop_nodes(self, indices: list[int] | None = None, graceful: bool = True) -> None:
+        """Stop pods at once. Stopping them ALL gracefully, they are labelled
+        skipPreStopChecks first, as the Cluster Operator documents (and `make destroy`
+        does): each preStop waits for quorum+1 nodes online, which pods draining beside
+        it never are again, so the last one waited out its whole timeout (minutes)."""
+        if graceful and (indices is None or len(indices) == len(self.node_names)):
+            for i in range(len(self.node_names)):
+                self.twin.set_label(i, SKIP_PRESTOP_LABEL, "true")
         threads = [
             threading.Thread(target=self.stop_node, args=(i, graceful))
             for i in (indices if indices is not None else range(len(self.node_names)))

@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 
 from app import ledger
+from components.rabbitmq import SKIP_PRESTOP_LABEL
 from localcluster.twin import StatefulSetTwin
 from localcluster.workers import Workers
 from tests.integration.conftest import DEPLOYMENT_QUEUE, TwinRegistry, WorkerPods
@@ -128,6 +129,8 @@ def test_publish_through_a_whole_cluster_outage(
     wait_until(lambda: len(sched.published_ids()) >= 40, 30, "publishing to start")
     at_stop = len(sched.published_ids())
     t_stop = time.monotonic()
+    for i in range(len(cluster.pod_names)):  # as documented: RabbitPods.stop_nodes
+        cluster.set_label(i, SKIP_PRESTOP_LABEL, "true")
     cluster.stop_pods()
     stop_s = time.monotonic() - t_stop
     at_stopped = len(sched.published_ids())
@@ -195,6 +198,8 @@ def test_outage_longer_than_the_budget_names_what_was_not_published(
     )
     wait_until(lambda: len(sched.published_ids()) >= 20, 30, "publishing to start")
     t_stop = time.monotonic()
+    for i in range(len(cluster.pod_names)):  # as documented: RabbitPods.stop_nodes
+        cluster.set_label(i, SKIP_PRESTOP_LABEL, "true")
     cluster.stop_pods()
     t_stopped = time.monotonic()
     code = sched.proc.wait(timeout=SHORT_BUDGET_S + EXIT_SLACK_S + 30)
