@@ -130,6 +130,10 @@ def check_fault(fault: str, report: dict[str, Any], tasks: int = TASKS) -> None:
         # back-off (up to 10 s between rounds), redelivery and one 2 s task
         # (measured: gap 12.2-21.8 s for a 31-67 s outage).
         assert report["failover_gap_s"] < report["down_s"] + 14, report
+    elif fault == "pod0-volume-loss":
+        # Its subject is the one cluster (below); its stall is a killed pod's, measured
+        # 4.8 s and 8.8 s here (the second in a CI run): bounded as a lost machine's.
+        assert report["failover_gap_s"] < 15, report
     else:
         assert report["failover_gap_s"] < GAP_BOUND_S, report
     if fault == "pod0-volume-loss":
