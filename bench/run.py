@@ -61,7 +61,6 @@ import shutil
 import sys
 import threading
 import time
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,7 +83,6 @@ from localcluster import pods, rootfs, twin
 from localcluster.cli_types import fraction, non_negative_float, positive_float, positive_int
 from localcluster.console import Console, run_guarded
 from localcluster.report import LedgerTail, longest_gap, read_events
-from localcluster.sockets import established_endpoints
 from tools.mockrun import stack_config
 
 log = logging.getLogger("bench")
@@ -581,15 +579,6 @@ class Bench:
         )
         return result
 
-    def connected_ordinals(self, side: Side, pid: int) -> list[int]:
-        """The RabbitMQ pods a process (in a pod) has AMQP connections to, most first."""
-        counts: Counter[int] = Counter()
-        for (ip, port), n in established_endpoints(pid).items():
-            ordinal = side.twin.ordinal_of_address(ip)
-            if port == AMQP_PORT and ordinal is not None:
-                counts[ordinal] += n
-        return [ordinal for ordinal, _ in counts.most_common()]
-
     def failover(self, side: Side, shared: Path, tail: LedgerTail, where: str) -> dict[str, Any]:
         args = self.args
         n = args.failover_tasks
@@ -625,7 +614,7 @@ class Bench:
                 raise TimeoutError(f"{where}: fewer than {target} completions in time")
             time.sleep(0.05)
         victim = side.workers[0]
-        ordinals = self.connected_ordinals(side, victim.pid or 0)
+        ordinals = side.twin.connected_ordinals(victim.pid or 0, AMQP_PORT)
         node = ordinals[0] if ordinals else 0
         detail: dict[str, Any] = {
             "tasks": n,

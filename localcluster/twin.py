@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from components.config import load_stack_config, quantity_bytes
 from components.rabbitmq_conf import needs_kubernetes_api, parse_version
 from localcluster import podnet, pods
 from localcluster.pods import CONTAINER_PATH, ContainerSpec, Mount, PodSpec, Probe
+from localcluster.sockets import established_endpoints
 from tools.mockrun import reveal, run_program, stack_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -664,6 +666,16 @@ class StatefulSetTwin:
         base = job["metadata"]["name"]
         name = f"{base}-{sum(p.startswith(base) for p in self.extra_pods)}"
         return self._python_pod(job, name, extra_env, extra_args)
+
+    def connected_ordinals(self, pid: int, port: int = 5672) -> list[int]:
+        """The StatefulSet pods process ``pid`` (in a pod) has connections to on ``port``
+        (AMQP by default), most connections first (from /proc)."""
+        counts: Counter[int] = Counter()
+        for (ip, peer_port), n in established_endpoints(pid).items():
+            ordinal = self.ordinal_of_address(ip)
+            if peer_port == port and ordinal is not None:
+                counts[ordinal] += n
+        return [ordinal for ordinal, _ in counts.most_common()]
 
     def ordinal_of_address(self, address: str) -> int | None:
         for i in range(len(self.pod_names)):

@@ -14,13 +14,11 @@ import json
 import subprocess
 import threading
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from components.rabbitmq import SKIP_PRESTOP_LABEL
 from localcluster import pods, rootfs, twin
-from localcluster.sockets import established_endpoints
 from tools.mockrun import stack_config
 
 STACK = "prod"
@@ -155,12 +153,7 @@ class RabbitPods:
 
     def connected_nodes(self, pid: int) -> list[int]:
         """The RabbitMQ pods process ``pid`` (in a pod) has AMQP connections to."""
-        counts: Counter[int] = Counter()
-        for (ip, port), n in established_endpoints(pid).items():
-            ordinal = self.twin.ordinal_of_address(ip)
-            if port == AMQP_PORT and ordinal is not None:
-                counts[ordinal] += n
-        return [node for node, _ in counts.most_common()]
+        return self.twin.connected_ordinals(pid, AMQP_PORT)
 
     def pids(self) -> list[int]:
         return sorted(p for pod in self.twin.pods.values() for p in pod.pids())
