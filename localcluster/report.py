@@ -376,6 +376,60 @@ def build_report(facts: RunFacts) -> tuple[dict[str, Any], Timeline]:
     return report, timeline
 
 
+#: What repeated runs of one fault are compared by: report key -> its median.
+REPEATED_KEYS = ("failover_gap_s", "scheduler_stall_s", "rejoin_s", "lost", "duplicates")
+#: The same for the fault's own evidence (``fault_detail``), where the fault records it.
+REPEATED_DETAIL_KEYS = (
+    "all_peers_declared_down_s",
+    "new_leader_s",
+    "redelivered_s",
+    "alarm_s",
+    "blocked_s",
+    "cleared_s",
+)
+
+
+def _median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    if len(ordered) % 2:
+        return ordered[middle]
+    return (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def summarize_runs(reports: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """``--repeat``: the runs' numbers side by side, each one's median (over the runs that
+    measured it), the worst worker's stall per run, and the totals that must be zero."""
+    if not reports:
+        raise ValueError("summarize_runs needs at least one report")
+    values: dict[str, list[float | None]] = {}
+    for key in REPEATED_KEYS:
+        values[key] = [r.get(key) for r in reports]
+    for key in REPEATED_DETAIL_KEYS:
+        found = [(r.get("fault_detail") or {}).get(key) for r in reports]
+        if any(v is not None for v in found):
+            values[key] = found
+    values["worst_worker_stall_s"] = [
+        max(stalls.values()) if (stalls := r.get("stall_by_worker_s")) else None for r in reports
+    ]
+    medians = {
+        key: None if not (measured := [v for v in found if v is not None]) else _median(measured)
+        for key, found in values.items()
+    }
+    return {
+        "fault": reports[0].get("fault"),
+        "runs": len(reports),
+        "statuses": [r.get("status") for r in reports],
+        "median": {k: None if v is None else round(v, 3) for k, v in medians.items()},
+        "values": values,
+        "lost_total": sum(int(r.get("lost") or 0) for r in reports),
+        "submitted_total": sum(int(r.get("submitted") or 0) for r in reports),
+        "params": reports[0].get("params"),
+        "machine": reports[0].get("machine"),
+        "date": reports[0].get("date"),
+    }
+
+
 def _version(dist: str) -> str | None:
     try:
         return metadata.version(dist)

@@ -44,15 +44,17 @@ from app import ledger
 from app.settings import DEFAULT_QUEUE, ENV_QUEUE
 from localcluster import twin, twin_engine
 from localcluster.cli_types import fraction, non_negative_float, positive_int
-from localcluster.console import Console, run_guarded
+from localcluster.console import Console, Outcome, run_guarded
 from localcluster.faults import FAULTS, FaultRecord
 from localcluster.partition import PartitionUnavailableError, check_available
 from localcluster.report import (
     LedgerTail,
     RunFacts,
+    Timeline,
     build_report,
     machine_info,
     plot_timeline,
+    summarize_runs,
     utc_now,
 )
 from localcluster.twin_engine import PodWorkers, RabbitPods, SchedulerPod
@@ -109,6 +111,8 @@ class LocalRun:
         self.phase = "starting"
         self.confirms: list[tuple[float, int]] = []
         self._watching = threading.Event()
+        #: With ``--repeat``: each finished batch's report and timeline.
+        self.finished: list[tuple[dict[str, Any], Timeline]] = []
 
     # ------------------------------------------------------- the fault's context
     def say(self, message: str) -> None:
@@ -185,9 +189,15 @@ class LocalRun:
 
     # -------------------------------------------------------------------- steps
     def execute(self) -> None:
-        """What ``make local`` does: boot, then one batch of tasks with its fault."""
+        """What ``make local`` does: boot, then a batch of tasks with its fault, ``--repeat``
+        times on the one boot (each batch's report built as it ends, while its pods run)."""
         self.boot()
-        self.batch()
+        for n in range(self.args.repeat):
+            if self.args.repeat > 1:
+                self.say(f"batch {n + 1} of {self.args.repeat}")
+            self.batch()
+            if self.args.repeat > 1:
+                self.finished.append(build_report(self.facts("ok", [])))
 
     def boot(self) -> None:
         """The cluster, Ready: RabbitMQ pods clustered, worker pods Ready."""
@@ -305,9 +315,9 @@ class LocalRun:
         for pattern in ("ledger.jsonl", "ids.txt", "*.log"):
             for path in self.logs.glob(pattern):
                 path.unlink()
-        for name in ("report.json", "timeline.png"):
-            with contextlib.suppress(FileNotFoundError):
-                (self.out / name).unlink()
+        for pattern in ("report.json", "timeline.png", "report-*.json", "timeline-*.png"):
+            for path in self.out.glob(pattern):
+                path.unlink()
 
     # ------------------------------------------------------------------ cleanup
     def _keep_files(self) -> None:
@@ -455,6 +465,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=DEFAULT_TIMEOUT,
         help="give up waiting for the tasks after this many seconds from publishing",
     )
+    parser.add_argument(
+        "--repeat",
+        type=positive_int,
+        default=1,
+        help="run the batch and its fault this many times on one boot; report.json then "
+        "holds each run's numbers and their medians (report-N.json, timeline-N.png: run N)",
+    )
     parser.add_argument("--out", default="out/local", help="output directory")
     parser.add_argument("-v", "--verbose", action="store_true", help="log the cluster's steps")
     args = parser.parse_args(argv)
@@ -488,6 +505,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     run = LocalRun(args, console)
     outcome = run_guarded(run.execute, run.close, console)
+    if args.repeat > 1:
+        return _repeated(run, outcome)
     try:
         report, timeline = build_report(run.facts(outcome.status, outcome.problems))
         run.out.mkdir(parents=True, exist_ok=True)
@@ -498,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(json.dumps(report, indent=2))
     gap = "longest" if args.fault == "none" else "failover"
-    console.say(
+    run.console.say(
         f"{report['fault']}: submitted {report['submitted']}, completed "
         f"{report['completed_unique']}, lost {report['lost']}, duplicates "
         f"{report['duplicates']}, {gap} gap {report['failover_gap_s']} s, rejoin "
@@ -510,5 +529,37 @@ def main(argv: list[str] | None = None) -> int:
     if report["lost"] > 0 or run.timed_out:
         return 1
     if outcome.problems or report["submitted"] != args.tasks:
+        return 2
+    return 0
+
+
+def _repeated(run: LocalRun, outcome: Outcome) -> int:
+    """``--repeat N``: report-N.json and timeline-N.png per batch, report.json the summary."""
+    args = run.args
+    try:
+        finished = list(run.finished)
+        if run.batches > len(finished):  # the batch that failed or was interrupted
+            finished.append(build_report(run.facts(outcome.status, outcome.problems)))
+        run.out.mkdir(parents=True, exist_ok=True)
+        for n, (report, timeline) in enumerate(finished, start=1):
+            (run.out / f"report-{n}.json").write_text(json.dumps(report, indent=2) + "\n")
+            plot_timeline(run.out / f"timeline-{n}.png", timeline)
+        summary = summarize_runs([report for report, _ in finished])
+        summary.update(status=outcome.status, problems=outcome.problems)
+        (run.out / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
+    except Exception:
+        log.exception("could not write the report")
+        return 2
+    print(json.dumps(summary, indent=2))
+    run.console.say(
+        f"{summary['fault']} x{summary['runs']}: lost {summary['lost_total']} of "
+        f"{summary['submitted_total']}; medians {summary['median']}; wrote {run.out}/report.json "
+        f"and report-N.json, timeline-N.png"
+    )
+    if outcome.exit_interrupted:
+        return 130
+    if summary["lost_total"] > 0 or any(r["fault_detail"].get("timed_out") for r, _ in finished):
+        return 1
+    if outcome.problems or len(finished) < args.repeat:
         return 2
     return 0

@@ -22,6 +22,7 @@ from localcluster.report import (
     phase_throughput,
     plot_timeline,
     read_events,
+    summarize_runs,
     throughput,
 )
 from localcluster.run import DEFAULT_FAULT_AT, parse_args
@@ -252,3 +253,44 @@ def test_a_dead_workers_task_finished_elsewhere_is_not_in_flight(tmp_path: Path)
     record(path, FINISH, "a", "celery@w2", 6.0)  # redelivered and done elsewhere
     tail.poll()
     assert tail.in_flight("") == {"b"} and tail.in_flight("celery@w0") == set()
+
+
+def test_repeated_runs_are_summarised_by_their_medians() -> None:
+    def report(gap: float, scheduler: float | None, lost: int, down: float | None) -> dict:
+        return {
+            "fault": "machine-loss",
+            "status": "ok",
+            "submitted": 100,
+            "lost": lost,
+            "duplicates": 2,
+            "failover_gap_s": gap,
+            "scheduler_stall_s": scheduler,
+            "rejoin_s": 20.0,
+            "stall_by_worker_s": {"w0": gap, "w1": gap + 1.0},
+            "fault_detail": {"all_peers_declared_down_s": down},
+        }
+
+    summary = summarize_runs(
+        [report(9.0, 7.0, 0, 9.5), report(12.5, None, 1, None), report(8.0, 9.0, 0, 9.1)]
+    )
+    assert summary["runs"] == 3 and summary["fault"] == "machine-loss"
+    assert summary["median"]["failover_gap_s"] == 9.0
+    # A number a run did not measure is left out of its median, not counted as zero.
+    assert summary["median"]["scheduler_stall_s"] == 8.0
+    assert summary["median"]["all_peers_declared_down_s"] == 9.3
+    assert summary["values"]["scheduler_stall_s"] == [7.0, None, 9.0]
+    assert summary["median"]["worst_worker_stall_s"] == 10.0
+    assert summary["lost_total"] == 1 and summary["submitted_total"] == 300
+    # Evidence no run recorded is not in the summary at all.
+    assert "alarm_s" not in summary["values"]
+    with pytest.raises(ValueError, match="at least one report"):
+        summarize_runs([])
+    json.dumps(summary)
+
+
+def test_repeat_is_a_positive_count(capsys: pytest.CaptureFixture[str]) -> None:
+    assert parse_args([]).repeat == 1
+    assert parse_args(["--repeat", "3"]).repeat == 3
+    with pytest.raises(SystemExit):
+        parse_args(["--repeat", "0"])
+    assert "--repeat" in capsys.readouterr().err
