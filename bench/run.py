@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
 import logging
 import math
@@ -213,19 +212,6 @@ def vhost_urls(urls: Sequence[str], vhost: str) -> list[str]:
     return [u.rsplit("/", 1)[0] + "/" + quote(vhost, safe="") for u in urls]
 
 
-def without_probes(workload: Mapping[str, Any], command: Sequence[str] | None) -> dict[str, Any]:
-    """A copy of a Deployment with its container's probes removed (and its command
-    replaced, if given): the article's worker, or the publisher."""
-    changed = copy.deepcopy(dict(workload))
-    (container,) = changed["spec"]["template"]["spec"]["containers"]
-    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
-        container.pop(probe, None)
-    if command is not None:
-        container["command"] = list(command)
-        container.pop("args", None)
-    return changed
-
-
 def cpu_ticks(pids: Sequence[int]) -> dict[int, int]:
     """User + system CPU ticks of each of these processes so far (/proc/<pid>/stat)."""
     ticks = {}
@@ -368,7 +354,7 @@ class Bench:
 
     def _article_side(self, cluster: twin.StatefulSetTwin) -> Side:
         pod_urls = vhost_urls(cluster.broker_urls(), ARTICLE_VHOST)
-        workload = without_probes(cluster.deployment, ARTICLE_WORKER_COMMAND)
+        workload = twin.without_probes(cluster.deployment, ARTICLE_WORKER_COMMAND)
         return Side(
             config=article_config(),
             twin=cluster,
@@ -702,7 +688,7 @@ class Bench:
             "--confirms",
             confirms,
         ]
-        workload = without_probes(side.twin.deployment, command)
+        workload = twin.without_probes(side.twin.deployment, command)
         workload["spec"]["template"]["spec"]["restartPolicy"] = "Never"  # a Job's pod
         env = {**side.worker_env, ENV_BROKER_ROTATION: "0"}
         pub.pod = self._python_pod(side, workload, PUBLISHER_POD, env)

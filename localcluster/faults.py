@@ -13,11 +13,14 @@ the partition healed), and returns once it is back.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import subprocess
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from localcluster import partition, rabbitlog
@@ -32,6 +35,8 @@ WARM_SHUTDOWN_TIMEOUT = 120.0
 PARTITION_TIMEOUT = 120.0
 #: How long a new pod 0 may take to be Ready, and then to be one cluster with its peers.
 POD0_TIMEOUT = 180.0
+#: The flood's whole course: fill to the alarm, hold, drain.
+FLOOD_TIMEOUT = 420.0
 
 
 class FaultContext(Protocol):
@@ -582,6 +587,167 @@ class Pod0VolumeLoss:
         return record
 
 
+class MemoryPressure:
+    """Large messages published (``python -m localcluster.flood``, a pod of the worker
+    Deployment) until RabbitMQ's memory alarm blocks the publishers, under the RabbitMQ
+    pods' memory limits as shipped; the alarm held ``down_seconds``; then the flood's
+    queue drained. The evidence: when the alarm was raised and cleared (the nodes' logs),
+    when the publishers were blocked, each pod's peak memory against its limit and
+    alarm threshold, OOM kills and restarts (must be none), and every confirmed message
+    consumed (nothing confirmed lost). Celery's tasks run on meanwhile: the workers
+    consume through the alarm; the scheduler's publishes wait for it."""
+
+    name = "memory-pressure"
+    help = (
+        "publish 8 MiB messages until RabbitMQ's memory alarm blocks publishers (the "
+        "pods' memory limits as shipped), hold it, then drain: no OOM kill, nothing "
+        "confirmed lost"
+    )
+    queue = "memory-pressure"
+    pod = "memory-flood"
+
+    def inject(self, run: FaultContext) -> FaultRecord:
+        nodes = run.nodes
+        count = len(nodes.node_names)
+        before = [nodes.memory(i) for i in range(count)]
+        threshold = [nodes.memory_alarm_threshold(i) for i in range(count)]
+        limit = [nodes.memory_limit(i) for i in range(count)]
+        run.tail.poll()
+        record = run.recording(
+            FaultRecord(
+                self.name,
+                target="every RabbitMQ pod",
+                found_by="their memory alarm",
+                at_completed=run.completed(),
+                detail={
+                    "memory_limit_mib": [_mib(b) for b in limit],
+                    "alarm_threshold_mib": [_mib(b) for b in threshold],
+                },
+            )
+        )
+        shared = run.workers.shared
+        events, result = shared / "flood-events.jsonl", shared / "flood-result.json"
+        for path in (events, result):
+            path.unlink(missing_ok=True)
+        peaks = [b["rss"] for b in before]
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.wait(0.25):
+                for i in range(count):
+                    # A pod gone (OOM-killed, say): its peak so far stays.
+                    with contextlib.suppress(OSError):
+                        peaks[i] = max(peaks[i], nodes.memory(i)["rss"])
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        run.set_phase("flooding")
+        record.injected = time.time()
+        run.say(
+            f"FAULT: memory pressure: 8 MiB messages published until the memory alarm "
+            f"(thresholds {record.detail['alarm_threshold_mib']} MiB, pod limits "
+            f"{record.detail['memory_limit_mib']} MiB), with {record.at_completed} completed"
+        )
+        flood = run.workers.command_pod(
+            f"{self.pod}-{int(record.injected)}",
+            [
+                "python",
+                "-m",
+                "localcluster.flood",
+                "--queue",
+                self.queue,
+                "--hold-seconds",
+                repr(run.down_seconds),
+                "--max-mib",
+                repr(4 * _mib(max(limit))),
+                "--events",
+                str(events),
+                "--result",
+                str(result),
+            ],
+        )
+        sampler.start()
+        seen: set[str] = set()
+        try:
+            run.wait_for(
+                "the flood to fill, block, drain",
+                lambda: _follow_flood(run, events, seen, record) or not flood.running(),
+                FLOOD_TIMEOUT,
+            )
+        finally:
+            stop.set()
+            sampler.join(timeout=5)
+        record.back = time.time()
+        after = [nodes.memory(i) for i in range(count)]
+        try:
+            outcome = json.loads(result.read_text())
+        except (OSError, ValueError) as exc:
+            raise RuntimeError(f"the flood pod wrote no result: {exc}\n{flood.tail()}") from exc
+        logged = [
+            e for i in range(count) for e in rabbitlog.parse(nodes.log(i), nodes.erlang_node(i))
+        ]
+        raised, cleared = rabbitlog.memory_alarms(logged, record.injected)
+        injected = record.injected
+        record.detail.update(
+            alarm_s=_since(raised, injected),
+            blocked_s=_since(outcome["blocked"], injected),
+            cleared_s=_since(cleared, injected),
+            unblocked_s=_since(outcome["unblocked"], injected),
+            drained_s=_since(outcome["drained"], injected),
+            peak_rss_mib=[_mib(b) for b in peaks],
+            oom_kills=[a["oom_kills"] - b["oom_kills"] for a, b in zip(after, before, strict=True)],
+            restarted=[
+                a["pid"] != b["pid"] or a["restarts"] != b["restarts"]
+                for a, b in zip(after, before, strict=True)
+            ],
+            flood={
+                k: v
+                for k, v in outcome.items()
+                if k not in {"started", "stopped", "blocked", "unblocked", "drained"}
+            },
+        )
+        run.say(
+            f"memory alarm after {record.detail['alarm_s']} s (publishers blocked after "
+            f"{record.detail['blocked_s']} s), cleared after {record.detail['cleared_s']} s; "
+            f"peak {record.detail['peak_rss_mib']} MiB; OOM kills {record.detail['oom_kills']}; "
+            f"flood: {outcome['confirmed']} confirmed, {outcome['consumed']} consumed, "
+            f"{outcome['confirmed_lost']} confirmed and lost"
+        )
+        return record
+
+
+def _mib(size: float) -> float:
+    return round(size / (1024 * 1024), 1)
+
+
+def _since(ts: float | None, since: float) -> float | None:
+    return None if ts is None else round(ts - since, 2)
+
+
+def _follow_flood(run: FaultContext, events: Path, seen: set[str], record: FaultRecord) -> bool:
+    """Follow the flood's events on the progress line; the drain restarts the work."""
+    try:
+        lines = events.read_text().splitlines()
+    except FileNotFoundError:
+        return False
+    for line in lines:
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue  # a line being written
+        name = event.get("event")
+        if name in seen:
+            continue
+        seen.add(name)
+        if name == "blocked":
+            run.set_phase("MEMORY ALARM: publishers blocked")
+        elif name == "draining":
+            run.set_phase("draining the flood")
+            record.restarted = event["ts"]
+        elif name == "drained":
+            run.set_phase("flood drained")
+    return False
+
+
 class Fault(Protocol):
     @property
     def name(self) -> str: ...
@@ -603,6 +769,7 @@ FAULTS: dict[str, Fault] = {
         MachineLoss(worker=False),
         MachineLoss(worker=True),
         Pod0VolumeLoss(),
+        MemoryPressure(),
         NoFault(),
     )
 }

@@ -578,6 +578,22 @@ class Pod:
         except OSError:
             return False
 
+    def oom_kills(self) -> int:
+        """Processes of this pod the kernel's OOM killer killed so far (its memory cgroup's
+        ``oom_kill`` count: an OOMKilled container, in Kubernetes' words)."""
+        text = (self.cgroup("memory") / "memory.oom_control").read_text()
+        counts = dict(line.split(maxsplit=1) for line in text.splitlines() if " " in line)
+        return int(counts.get("oom_kill", "0"))
+
+    def memory_rss(self) -> int:
+        """Resident memory of the pod's processes now, in bytes (its cgroup's ``total_rss``:
+        what counts against the limit once the page cache is reclaimed)."""
+        for line in (self.cgroup("memory") / "memory.stat").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "total_rss":
+                return int(value)
+        return 0
+
     def pids(self) -> list[int]:
         """Every process in the pod's cgroup right now (exec'd commands included)."""
         try:

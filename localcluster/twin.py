@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import copy
 import json
 import os
 import re
@@ -511,6 +512,19 @@ def python_pod(
     )
 
 
+def without_probes(workload: Mapping[str, Any], command: Sequence[str] | None) -> dict[str, Any]:
+    """A copy of a Deployment with its container's probes removed (and its command
+    replaced, if given): the article's worker, or the publisher."""
+    changed = copy.deepcopy(dict(workload))
+    (container,) = changed["spec"]["template"]["spec"]["containers"]
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        container.pop(probe, None)
+    if command is not None:
+        container["command"] = list(command)
+        container.pop("args", None)
+    return changed
+
+
 def stack_rabbitmq_version(stack: str) -> str:
     """The RabbitMQ major.minor a stack ships (its image tag)."""
     config = load_stack_config(stack_config(stack), stack)
@@ -654,6 +668,15 @@ class StatefulSetTwin:
     def start_workers(self, extra_env: Mapping[str, str] | None = None) -> list[pods.Pod]:
         """The worker Deployment's replicas as pods."""
         return [self.start_worker(name, extra_env) for name in self.worker_names()]
+
+    def start_command_pod(
+        self, name: str, command: Sequence[str], extra_env: Mapping[str, str] | None = None
+    ) -> pods.Pod:
+        """A pod of the worker Deployment's template (its env, broker Secret, network and
+        limits) running ``command`` once instead of the worker (no probes, not restarted)."""
+        workload = without_probes(self.deployment, command)
+        workload["spec"]["template"]["spec"]["restartPolicy"] = "Never"
+        return self._python_pod(workload, name, extra_env)
 
     def run_scheduler(
         self, extra_env: Mapping[str, str] | None = None, extra_args: Sequence[str] = ()

@@ -76,6 +76,29 @@ class RabbitPods:
         except OSError:
             return ""
 
+    def memory(self, i: int) -> dict[str, int]:
+        """Pod ``i``'s container pid, restarts, OOM kills and resident memory now."""
+        pod = self._pod(i)
+        return {
+            "pid": pod.pid or 0,
+            "restarts": pod.restarts,
+            "oom_kills": pod.oom_kills(),
+            "rss": pod.memory_rss(),
+        }
+
+    def memory_limit(self, i: int) -> int:
+        """Pod ``i``'s memory limit in bytes (the StatefulSet's, as its cgroup has it)."""
+        limit = self._pod(i).spec.memory_limit
+        if limit is None:
+            raise ValueError(f"pod {self.node_names[i]} has no memory limit")
+        return limit
+
+    def memory_alarm_threshold(self, i: int) -> int:
+        """The bytes at which pod ``i``'s RabbitMQ raises its memory alarm (its own figure:
+        the watermark of the memory the rendered rabbitmq.conf says it has)."""
+        out = self.twin.rabbitmqctl(i, "eval", "vm_memory_monitor:get_memory_limit().")
+        return int(out.strip())
+
     def freeze(self, i: int) -> None:
         self._pod(i).freeze()
 
@@ -285,6 +308,11 @@ class PodWorkers:
         if tasks is not None:
             extra += ["--tasks", str(tasks)]  # the last --tasks wins
         return SchedulerPod(self.twin.run_scheduler(self.env, extra), ids_file)
+
+    def command_pod(self, name: str, command: list[str]) -> pods.Pod:
+        """A pod of the worker Deployment's template running ``command`` (a tool of the
+        run's, with the workers' broker Secret and network), on the run's shared directory."""
+        return self.twin.start_command_pod(name, command, self.env)
 
     def leftover_pids(self) -> set[int]:
         return {p for pod in self.twin.extra_pods.values() for p in pod.pids()}

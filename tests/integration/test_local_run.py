@@ -130,6 +130,25 @@ def check_fault(fault: str, report: dict[str, Any], tasks: int = TASKS) -> None:
         # back-off (up to 10 s between rounds), redelivery and one 2 s task
         # (measured: gap 12.2-21.8 s for a 31-67 s outage).
         assert report["failover_gap_s"] < report["down_s"] + 14, report
+    elif fault == "memory-pressure":
+        # The pods' memory limits as shipped: the alarm fires below the limit, blocks the
+        # publishers, is cleared once the flood is drained; no pod was OOM-killed or
+        # restarted, and every message RabbitMQ confirmed was consumed.
+        flood = detail["flood"]
+        assert detail["alarm_s"] is not None and detail["blocked_s"] is not None, detail
+        assert detail["cleared_s"] is not None and detail["cleared_s"] >= detail["alarm_s"]
+        assert detail["oom_kills"] == [0, 0, 0] and detail["restarted"] == [False] * 3, detail
+        for peak, threshold, limit in zip(
+            detail["peak_rss_mib"],
+            detail["alarm_threshold_mib"],
+            detail["memory_limit_mib"],
+            strict=True,
+        ):
+            assert threshold < limit and peak < limit, detail
+        assert max(detail["peak_rss_mib"]) >= min(detail["alarm_threshold_mib"]) * 0.9, detail
+        assert flood["confirmed"] > 0 and flood["confirmed_lost"] == 0, flood
+        assert flood["consumed"] >= flood["confirmed"], flood
+        assert report["failover_gap_s"] < 15, report
     elif fault == "pod0-volume-loss":
         # Its subject is the one cluster (below); its stall is a killed pod's, measured
         # 4.8 s and 8.8 s here (the second in a CI run): bounded as a lost machine's.
@@ -220,6 +239,7 @@ BATCHES = {
     ),
     "worker-machine-loss": ("--down-seconds", "15"),
     "pod0-volume-loss": (),
+    "memory-pressure": ("--tasks", "240", "--rate", "10", "--fault-at", "0.25"),
 }
 
 

@@ -25,7 +25,7 @@ LOG_2 = f"""\
 """
 
 
-def events() -> list[rabbitlog.NodeDown | rabbitlog.NewLeader]:
+def events() -> list[rabbitlog.Event]:
     return rabbitlog.parse(LOG_0, N0) + rabbitlog.parse(LOG_2, N2)
 
 
@@ -55,3 +55,48 @@ def test_the_first_leader_elsewhere_after_the_fault() -> None:
     assert leader is not None and leader.node == N2 and leader.term == 2
     assert round(leader.ts - since, 2) == 1.47  # the winner's own line, before its peer's
     assert rabbitlog.first_new_leader(events(), "other", since, other_than=N1) is None
+
+
+# Memory alarm lines as RabbitMQ 4.3.6 wrote them in a twin run (each node logs every
+# node's alarm; the cluster-wide "cleared across the cluster" line is not an alarm).
+ALARM_0 = f"""\
+\x1b[38;5;214m2026-12-01 04:56:28.436628+00:00 [warning] <0.803.0> memory resource limit alarm \
+set on node '{N0}'.\x1b[0m
+\x1b[38;5;214m2026-12-01 04:56:28.500000+00:00 [warning] <0.803.0> memory resource limit alarm \
+set on node '{N2}'.\x1b[0m
+\x1b[38;5;214m2026-12-01 04:57:11.484847+00:00 [warning] <0.803.0> memory resource limit alarm \
+cleared on node '{N2}'\x1b[0m
+\x1b[38;5;214m2026-12-01 04:57:12.237541+00:00 [warning] <0.803.0> memory resource limit alarm \
+cleared on node '{N0}'\x1b[0m
+\x1b[38;5;214m2026-12-01 04:57:12.480116+00:00 [warning] <0.803.0> memory resource limit alarm \
+cleared across the cluster\x1b[0m
+"""
+ALARM_2 = f"""\
+\x1b[38;5;214m2026-12-01 04:56:28.426237+00:00 [warning] <0.862.0> memory resource limit alarm \
+set on node '{N2}'.\x1b[0m
+\x1b[38;5;214m2026-12-01 04:56:29.000000+00:00 [warning] <0.862.0> memory resource limit alarm \
+set on node '{N0}'.\x1b[0m
+\x1b[38;5;214m2026-12-01 04:57:11.484000+00:00 [warning] <0.862.0> memory resource limit alarm \
+cleared on node '{N2}'\x1b[0m
+"""
+
+
+def test_memory_alarms_raised_and_cleared_as_each_node_logged_its_own() -> None:
+    found = rabbitlog.parse(ALARM_0, N0) + rabbitlog.parse(ALARM_2, N2)
+    alarms = [e for e in found if isinstance(e, rabbitlog.MemoryAlarm)]
+    assert len(alarms) == 7
+    assert {(e.node, e.raised) for e in alarms if e.seen_by == N0} == {
+        (N0, True),
+        (N2, True),
+        (N2, False),
+        (N0, False),
+    }
+    raised, cleared = rabbitlog.memory_alarms(found, since=0)
+    # The first alarm is node 2's own (04:56:28.426); all cleared once node 0's own did.
+    assert raised == rabbitlog._ts("2026-12-01 04:56:28.426237+00:00")
+    assert cleared == rabbitlog._ts("2026-12-01 04:57:12.237541+00:00")
+    # Node 0 never logging its own clear: an alarm still raised, so no clear time.
+    still = rabbitlog.parse(ALARM_0.split("\n")[0], N0) + rabbitlog.parse(ALARM_2, N2)
+    assert rabbitlog.memory_alarms(still, since=0)[1] is None
+    # Nothing raised after ``since``: neither.
+    assert rabbitlog.memory_alarms(found, since=raised + 3600) == (None, None)
