@@ -333,10 +333,10 @@ def celery_config(settings: WorkerSettings) -> dict[str, Any]:
         # leaves a lost broker the same way. Measured on the pod twin
         # (worker-machine-loss, 2026-12-01): the lost worker's tasks ran again elsewhere
         # 27.3 s after the loss with 10 s, 12.1 s with 4 s, 7.8 s with 3 s (the
-        # bound: 10 s plus the task's own length; docs/local.md). The price: a worker
-        # whose event loop is blocked that long (CPU-bound work in the threads pool
-        # holding the GIL) is taken for dead and its tasks are redelivered
-        # (duplicates, never losses).
+        # bound: 10 s plus the task's own length; docs/local.md). The price, measured
+        # (worker-pause): a worker paused 2-6 s kept its tasks, one paused 8 s or more
+        # (CPU-bound work holding the GIL in the threads pool, say) was taken for dead
+        # and its tasks ran again (duplicates, never losses).
         "broker_heartbeat": settings.heartbeat,
         # A channel error while (re)starting the consumer - e.g. a quorum queue
         # that has no leader for a moment during an election - restarts the

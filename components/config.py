@@ -212,9 +212,10 @@ class RabbitmqConfig:
     # RabbitMQ's default 60 s stalled all work 45.8 s; 10 s stalled it 8.7 s with the
     # scheduler's confirms stalled 12.2 s (nodes declared it down after ~12 s); 8 s
     # stalled work 8.3 s and confirms 9.8 s (down after ~9.5 s) with the queue's
-    # leader lost. Lower means faster failover but a node paused that long (GC, CPU
-    # starvation, a slow network) is taken for dead: RabbitMQ's docs advise against
-    # values under 5 s.
+    # leader lost. The price, measured (broker-pause): a node paused 4-8 s (GC, CPU
+    # starvation, a VM migration) was never declared down, one paused 10-12 s was,
+    # after ~9 s, and rejoined by itself ~3 s after the thaw (nothing lost, a few
+    # duplicates). RabbitMQ's docs advise against values under 5 s.
     net_ticktime_seconds: int = 8
     resources: Resources = field(default_factory=lambda: Resources("500m", "1Gi", "1", "2Gi"))
 

@@ -32,3 +32,13 @@ def fraction(raw: str) -> float:
     if not 0.0 < value < 1.0:
         raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {raw!r}")
     return value
+
+
+def non_negative_floats(raw: str) -> list[float]:
+    """A comma-separated list of non-negative numbers ("5" or "2,4,6")."""
+    try:
+        return [non_negative_float(part) for part in raw.split(",")]
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(
+            f"expected non-negative numbers separated by commas, got {raw!r}"
+        ) from None

@@ -541,6 +541,114 @@ class MachineLoss:
         return record
 
 
+@dataclass(frozen=True)
+class Pause:
+    """A stop-the-world pause: every process of a pod frozen for ``down_seconds``, then
+    thawed, its network untouched (the kernel still acknowledges TCP): a long garbage
+    collection, CPU starvation, a VM live migration. Nothing failed, so this measures
+    the price of the short timeouts that make ``machine-loss`` fast: whether the peers
+    took a paused RabbitMQ node for dead (``net_ticktime``) and its clients left it
+    (AMQP heartbeats), or RabbitMQ took a paused worker for dead and ran its tasks
+    again elsewhere (its heartbeat), and whether anything was lost."""
+
+    worker: bool = False
+
+    @property
+    def name(self) -> str:
+        return "worker-pause" if self.worker else "broker-pause"
+
+    @property
+    def help(self) -> str:
+        if self.worker:
+            return "worker pod w0 paused (frozen, network untouched), then thawed"
+        return "the RabbitMQ pod --target names paused (frozen, network untouched), then thawed"
+
+    def inject(self, run: FaultContext) -> FaultRecord:
+        return self._worker(run) if self.worker else self._broker(run)
+
+    def _broker(self, run: FaultContext) -> FaultRecord:
+        nodes = run.nodes
+        node, how = _target_node(run)
+        name, paused = nodes.node_names[node], nodes.erlang_node(node)
+        peers = [i for i in range(len(nodes.node_names)) if i != node]
+        run.tail.poll()
+        record = run.recording(
+            FaultRecord(
+                self.name,
+                target=name,
+                found_by=how,
+                at_completed=run.completed(),
+                detail={"node": node, "paused_s": run.down_seconds},
+            )
+        )
+        with ClientWatch(run) as watch:
+            time.sleep(2 * watch.every)  # where every client is before the pause
+            run.set_phase(f"{name} PAUSED")
+            record.injected = time.time()
+            run.say(f"FAULT: {name} (found by {how}) paused for {run.down_seconds:.0f} s")
+            try:
+                nodes.freeze(node)
+                run.sleep(run.down_seconds)
+            finally:
+                nodes.thaw(node)
+            record.restarted = time.time()
+            run.set_phase(f"{name} thawed")
+            # Taken for dead meanwhile, it must come back on its own (no replacement).
+            nodes.wait_clustered(timeout=PARTITION_TIMEOUT)
+            record.back = time.time()
+        events = [e for i in peers for e in rabbitlog.parse(nodes.log(i), nodes.erlang_node(i))]
+        down = rabbitlog.first_down(events, paused, record.injected)
+        moved = watch.moved(node, record.injected)
+        record.detail.update(
+            declared_down_s={p: round(t - record.injected, 2) for p, t in sorted(down.items())},
+            taken_for_dead=bool(down),
+            clients_moved_s=moved,
+            clients_left=sorted(c for c, s in moved.items() if s is not None),
+        )
+        run.say(
+            f"{name} thawed after {run.down_seconds:.0f} s: peers declared it down "
+            f"{record.detail['declared_down_s'] or 'never'}; clients that left it: "
+            f"{record.detail['clients_left'] or 'none'}; back in the cluster "
+            f"{record.rejoin_s} s after the thaw"
+        )
+        return record
+
+    def _worker(self, run: FaultContext) -> FaultRecord:
+        victim, record = _busy_first_worker(run, self.name)
+        prefix = victim.nodename_prefix
+        in_flight = record.in_flight_ids or []
+        record.detail["paused_s"] = run.down_seconds
+        run.set_phase(f"{victim.name} PAUSED")
+        record.injected = time.time()
+        run.say(
+            f"FAULT: worker pod {victim.name} paused for {run.down_seconds:.0f} s with "
+            f"{len(in_flight)} tasks in flight"
+        )
+        try:
+            victim.pod.freeze()
+            run.sleep(run.down_seconds)
+        finally:
+            victim.pod.thaw()
+        record.restarted = time.time()
+        run.set_phase(f"{victim.name} thawed")
+        # Whether RabbitMQ took it for dead (closed its connection: 2 missed heartbeats)
+        # shows in the ledger: its tasks start again, elsewhere or on it once it is back
+        # (the report's ``in_flight_redelivered``, read once the batch is done).
+        record.back = time.time()
+        redelivered = run.tail.redelivered_after(in_flight, prefix, record.injected)
+        record.detail.update(redelivered_elsewhere_s=redelivered, survived=victim.alive())
+        run.say(
+            f"{victim.name} thawed after {run.down_seconds:.0f} s with {len(in_flight)} tasks "
+            + (
+                f"that ran again elsewhere {redelivered} s after the pause began"
+                if redelivered is not None
+                else "not run elsewhere meanwhile"
+            )
+            + f"; the pod {'survived' if victim.alive() else 'died'}"
+        )
+        return record
+
+
 class Pod0VolumeLoss:
     """Pod 0 killed, its volume emptied (a deleted PVC, a replaced disk), a new pod 0
     started: it must rejoin the cluster pods 1..n run, never seed a second one (from
@@ -768,6 +876,8 @@ FAULTS: dict[str, Fault] = {
         Partition(),
         MachineLoss(worker=False),
         MachineLoss(worker=True),
+        Pause(worker=False),
+        Pause(worker=True),
         Pod0VolumeLoss(),
         MemoryPressure(),
         NoFault(),

@@ -43,7 +43,12 @@ from urllib.parse import unquote, urlsplit
 from app import ledger
 from app.settings import DEFAULT_QUEUE, ENV_QUEUE
 from localcluster import twin, twin_engine
-from localcluster.cli_types import fraction, non_negative_float, positive_int
+from localcluster.cli_types import (
+    fraction,
+    non_negative_float,
+    non_negative_floats,
+    positive_int,
+)
 from localcluster.console import Console, Outcome, run_guarded
 from localcluster.faults import FAULTS, FaultRecord
 from localcluster.partition import PartitionUnavailableError, check_available
@@ -192,11 +197,13 @@ class LocalRun:
         """What ``make local`` does: boot, then a batch of tasks with its fault, ``--repeat``
         times on the one boot (each batch's report built as it ends, while its pods run)."""
         self.boot()
-        for n in range(self.args.repeat):
-            if self.args.repeat > 1:
-                self.say(f"batch {n + 1} of {self.args.repeat}")
+        plan = [value for value in self.args.down_seconds_list for _ in range(self.args.repeat)]
+        for n, down_seconds in enumerate(plan, start=1):
+            if len(plan) > 1:
+                self.say(f"batch {n} of {len(plan)} (--down-seconds {down_seconds:g})")
+                self.args = argparse.Namespace(**{**vars(self.args), "down_seconds": down_seconds})
             self.batch()
-            if self.args.repeat > 1:
+            if len(plan) > 1:
                 self.finished.append(build_report(self.facts("ok", [])))
 
     def boot(self) -> None:
@@ -440,11 +447,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--down-seconds",
-        type=non_negative_float,
+        type=non_negative_floats,
         default=argparse.SUPPRESS,
         help=f"how long the broken part stays broken before it is brought back (default: "
         f"{DEFAULT_LOST_MACHINE_SECONDS:.0f} for the machine-loss faults, "
-        f"{DEFAULT_DOWN_SECONDS:.0f} otherwise)",
+        f"{DEFAULT_DOWN_SECONDS:.0f} otherwise); several, comma-separated (2,4,6): a sweep, "
+        "a batch each (times --repeat) on one boot",
     )
     parser.add_argument(
         "--target",
@@ -479,7 +487,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.fault_at = DEFAULT_FAULT_AT
     if not hasattr(args, "down_seconds"):
         lost_machine = args.fault in ("machine-loss", "worker-machine-loss")
-        args.down_seconds = DEFAULT_LOST_MACHINE_SECONDS if lost_machine else DEFAULT_DOWN_SECONDS
+        default = DEFAULT_LOST_MACHINE_SECONDS if lost_machine else DEFAULT_DOWN_SECONDS
+        args.down_seconds = [default]
+    args.down_seconds_list = args.down_seconds
+    args.down_seconds = args.down_seconds_list[0]
     return args
 
 
@@ -505,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     run = LocalRun(args, console)
     outcome = run_guarded(run.execute, run.close, console)
-    if args.repeat > 1:
+    if args.repeat > 1 or len(args.down_seconds_list) > 1:
         return _repeated(run, outcome)
     try:
         report, timeline = build_report(run.facts(outcome.status, outcome.problems))
@@ -544,7 +555,14 @@ def _repeated(run: LocalRun, outcome: Outcome) -> int:
         for n, (report, timeline) in enumerate(finished, start=1):
             (run.out / f"report-{n}.json").write_text(json.dumps(report, indent=2) + "\n")
             plot_timeline(run.out / f"timeline-{n}.png", timeline)
-        summary = summarize_runs([report for report, _ in finished])
+        reports = [report for report, _ in finished]
+        summary = summarize_runs(reports)
+        if len(args.down_seconds_list) > 1:  # a sweep: the medians per --down-seconds
+            summary["by_down_seconds"] = [
+                {"down_seconds": value, **summarize_runs(same)}
+                for value in args.down_seconds_list
+                if (same := [r for r in reports if r["params"]["down_seconds"] == value])
+            ]
         summary.update(status=outcome.status, problems=outcome.problems)
         (run.out / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
     except Exception:
@@ -560,6 +578,6 @@ def _repeated(run: LocalRun, outcome: Outcome) -> int:
         return 130
     if summary["lost_total"] > 0 or any(r["fault_detail"].get("timed_out") for r, _ in finished):
         return 1
-    if outcome.problems or len(finished) < args.repeat:
+    if outcome.problems or len(finished) < args.repeat * len(args.down_seconds_list):
         return 2
     return 0

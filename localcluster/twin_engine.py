@@ -102,6 +102,9 @@ class RabbitPods:
     def freeze(self, i: int) -> None:
         self._pod(i).freeze()
 
+    def thaw(self, i: int) -> None:
+        self._pod(i).thaw()
+
     def empty_volume(self, i: int) -> None:
         """Pod ``i``'s PersistentVolumeClaims emptied (a deleted PVC, a replaced disk)."""
         for claim in self.twin.files(self.node_names[i]).pvc_dir.iterdir():

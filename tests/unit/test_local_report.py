@@ -294,3 +294,15 @@ def test_repeat_is_a_positive_count(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         parse_args(["--repeat", "0"])
     assert "--repeat" in capsys.readouterr().err
+
+
+def test_down_seconds_is_one_value_or_a_sweep(capsys: pytest.CaptureFixture[str]) -> None:
+    one = parse_args(["--fault", "broker-pause", "--down-seconds", "4"])
+    assert one.down_seconds == 4.0 and one.down_seconds_list == [4.0]
+    sweep = parse_args(["--fault", "worker-pause", "--down-seconds", "2,4.5,6"])
+    assert sweep.down_seconds == 2.0 and sweep.down_seconds_list == [2.0, 4.5, 6.0]
+    assert parse_args(["--fault", "machine-loss"]).down_seconds_list == [60.0]
+    for bad in ("2,-1", "2,,4", "soon"):
+        with pytest.raises(SystemExit):
+            parse_args(["--down-seconds", bad])
+        assert "non-negative numbers separated by commas" in capsys.readouterr().err
