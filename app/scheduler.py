@@ -104,6 +104,14 @@ def _report_unconfirmed(unconfirmed: list[str], unconfirmed_file: str | None) ->
     help="Publish at most this many tasks per second (0: as fast as confirms allow).",
 )
 @click.option(
+    "--window",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Publishes unconfirmed at once (app.pipeline): 1 waits for each confirm before "
+    "the next publish; more pipelines them, each id still written only once confirmed.",
+)
+@click.option(
     "--progress/--no-progress",
     default=True,
     show_default=True,
@@ -118,6 +126,7 @@ def main(
     ids_file: str | None,
     unconfirmed_file: str | None,
     rate: float,
+    window: int,
     progress: bool,
 ) -> None:
     """Enqueue N count tasks with publisher confirms and report the rate."""
@@ -142,6 +151,20 @@ def main(
     from app.publish import PublishBudgetExceeded
     from app.tasks import count
 
+    if window > 1:
+        _publish_pipelined(
+            app,
+            count,
+            task_ids,
+            task_seconds,
+            ids_file,
+            unconfirmed_file,
+            rate,
+            window,
+            progress,
+            settings,
+        )
+        return
     published = 0
     failed: list[str] = []
     consecutive_failures = 0
@@ -212,6 +235,81 @@ def main(
         f"elapsed={elapsed:.2f}s rate={rate:.1f} tasks/s"
     )
     if failed or not_attempted:
+        sys.exit(1)
+
+
+def _publish_pipelined(
+    app: Any,
+    task: Any,
+    task_ids: list[str],
+    task_seconds: float,
+    ids_file: str | None,
+    unconfirmed_file: str | None,
+    rate: float,
+    window: int,
+    progress: bool,
+    settings: Any,
+) -> None:
+    """``--window`` > 1: the same tasks and report, through the confirmed pipeline."""
+    from app.pipeline import ConfirmedPipeline
+    from app.publish import PublishBudgetExceeded
+    from app.settings import ENV_PUBLISH_RETRY_SECONDS
+
+    confirmed: set[str] = set()
+    ids_fh: IO[str] | None = open(ids_file, "a", encoding="utf-8") if ids_file else None  # noqa: SIM115
+
+    def on_confirm(task_id: str) -> None:
+        confirmed.add(task_id)
+        if ids_fh is not None:
+            ids_fh.write(task_id + "\n")
+            ids_fh.flush()  # read live (make local follows the confirms)
+
+    submitted = 0
+    started = time.monotonic()
+    pipeline: ConfirmedPipeline | None = None
+    try:
+        pipeline = ConfirmedPipeline(
+            app, window=window, budget=settings.publish_retry_seconds, on_confirm=on_confirm
+        )
+        with click.progressbar(
+            task_ids,
+            label="publishing",
+            file=sys.stderr if progress else io.StringIO(),
+            show_pos=True,
+        ) as bar:
+            for i, task_id in enumerate(bar):
+                if rate > 0:
+                    ahead = started + i / rate - time.monotonic()
+                    if ahead > 0:
+                        time.sleep(ahead)
+                submitted += 1  # attempted, from here on: confirmed or listed
+                pipeline.submit(task, task_id, kwargs={"step_seconds": task_seconds})
+        pipeline.flush()
+    except PublishBudgetExceeded as exc:
+        click.echo(
+            f"\ngiving up: no RabbitMQ node took a publish for {exc.elapsed:.1f} s "
+            f"({exc.attempts} attempts; the budget is {exc.budget:g} s, "
+            f"{ENV_PUBLISH_RETRY_SECONDS}={settings.publish_retry_seconds:g}); "
+            f"last error: {exc.last!r}",
+            err=True,
+        )
+    finally:
+        if pipeline is not None:
+            pipeline.close()
+        if ids_fh is not None:
+            ids_fh.close()
+    elapsed = time.monotonic() - started
+    unconfirmed = [t for t in task_ids[:submitted] if t not in confirmed]
+    not_attempted = task_ids[submitted:]
+    _report_unconfirmed(unconfirmed + not_attempted, unconfirmed_file)
+    click.echo(
+        f"published={len(confirmed)} failed={len(unconfirmed)} "
+        f"not_attempted={len(not_attempted)} elapsed={elapsed:.2f}s "
+        f"rate={len(confirmed) / elapsed if elapsed > 0 else 0.0:.1f} tasks/s "
+        f"window={window} republished={pipeline.republished if pipeline else 0} "
+        f"reconnects={pipeline.reconnects if pipeline else 0}"
+    )
+    if unconfirmed or not_attempted:
         sys.exit(1)
 
 

@@ -1,0 +1,261 @@
+"""Publishing many tasks with publisher confirms, many in flight: the bulk publisher.
+
+One task at a time (:class:`app.publish.BudgetedTask`) waits a network round trip
+and a Raft commit for each confirm: ~1.4 ms a task on the twin, 303 tasks/s against
+the article's 799/s without confirms (docs/bench.md). Here up to ``window`` publishes
+are unconfirmed at once on one channel in confirm mode; RabbitMQ confirms them in
+batches (``basic.ack`` with ``multiple``), and each task id is reported confirmed
+(``on_confirm``) only once its own confirm arrived, so the guarantee is the same:
+an id reported is in a quorum queue's majority.
+
+The messages are Celery's own: each is published by ``celery.Task.apply_async``
+(protocol 2, as ``app.amqp`` builds it, routed as the app routes it) on a producer
+whose channel does not wait for the confirm; the workers consume them unchanged.
+
+What was not confirmed is published again: on a ``basic.nack``, when a confirm does
+not come within ``confirm_timeout``, or when the connection fails (then on the next
+node of the failover list, with a pause after each full round of nodes, as
+:func:`app.publish.publish_with_budget`). A task published again may be delivered
+twice (same task id): at-least-once, never lost. If no confirm at all arrives for
+``budget`` seconds, :class:`app.publish.PublishBudgetExceeded` is raised and
+:attr:`ConfirmedPipeline.unconfirmed` names every task id not confirmed.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery import Celery, Task
+
+from app.publish import RETRYABLE_ERRORS, PublishBudgetExceeded, retry_intervals
+from app.settings import PUBLISH_CONFIRM_TIMEOUT_SECONDS, sanitize_url
+
+logger = logging.getLogger(__name__)
+
+#: Unconfirmed publishes in flight on the channel. Measured on the twin (bench):
+#: see docs/bench.md; more than a few hundred only adds memory.
+DEFAULT_WINDOW = 256
+
+
+class ConfirmTimeout(socket.timeout):
+    """No confirm arrived within ``confirm_timeout`` for the oldest unconfirmed publish."""
+
+
+@dataclass
+class _Publish:
+    task: Task
+    task_id: str
+    args: Sequence[Any]
+    kwargs: Mapping[str, Any]
+
+
+def celery_send(publish: _Publish, producer: Any) -> None:
+    """One task message, as Celery builds and routes it, written to ``producer``'s channel
+    (``celery.Task.apply_async``: not :class:`app.publish.BudgetedTask`'s retrying one)."""
+    Task.apply_async(
+        publish.task,
+        publish.args,
+        publish.kwargs,
+        task_id=publish.task_id,
+        producer=producer,
+        retry=False,  # what fails is published again by ConfirmedPipeline._recover
+    )
+
+
+@dataclass
+class ConfirmedPipeline:
+    """``submit()`` tasks, ``flush()`` to wait for every confirm; ``close()`` at the end.
+
+    Not thread-safe: one pipeline per thread (it owns its connection).
+    """
+
+    app: Celery
+    window: int = DEFAULT_WINDOW
+    budget: float = 120.0
+    on_confirm: Callable[[str], None] = lambda task_id: None
+    confirm_timeout: float = PUBLISH_CONFIRM_TIMEOUT_SECONDS
+    clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], None] = time.sleep
+    send: Callable[[_Publish, Any], None] = celery_send
+    #: delivery tag (this channel's) -> what it published, oldest first.
+    outstanding: dict[int, _Publish] = field(default_factory=dict)
+    #: nacked or timed out: to publish again, in order.
+    again: list[_Publish] = field(default_factory=list)
+    confirmed: int = 0
+    republished: int = 0
+    reconnects: int = 0
+
+    def __post_init__(self) -> None:
+        if self.window < 1:
+            raise ValueError(f"window must be at least 1, got {self.window!r}")
+        options = dict(self.app.conf.broker_transport_options or {})
+        # The channel is put in confirm mode here; kombu must not wait per publish.
+        options["confirm_publish"] = False
+        self.connection = self.app.connection_for_write(transport_options=options)
+        self._nodes = max(1, len(self.connection.alt or ()))
+        self._intervals = retry_intervals()
+        self._failures = 0
+        self._stalled_since: float | None = None
+        self._oldest_sent: float | None = None
+        self._tag = 0
+        try:
+            self._open()
+        except RETRYABLE_ERRORS as exc:  # no node yet: the budget applies from here
+            self._recover(exc)
+
+    # ------------------------------------------------------------------ public
+    def submit(
+        self,
+        task: Task,
+        task_id: str,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Publish ``task`` (returns once it is written, not confirmed); blocks while
+        ``window`` publishes are unconfirmed."""
+        self._pump(until=self.window - 1)
+        self._publish(_Publish(task, task_id, tuple(args), dict(kwargs or {})))
+
+    def flush(self) -> None:
+        """Return once every submitted task is confirmed (publishing again what must be)."""
+        self._pump(until=0)
+
+    @property
+    def unconfirmed(self) -> list[str]:
+        return [p.task_id for p in (*self.outstanding.values(), *self.again)]
+
+    def node(self) -> str:
+        try:
+            return sanitize_url(self.connection.as_uri())
+        except Exception:
+            return "?"
+
+    def close(self) -> None:
+        try:
+            self.connection.release()
+        except Exception:  # a connection already gone: nothing left to release
+            logger.debug("closing the pipeline's connection", exc_info=True)
+
+    def __enter__(self) -> ConfirmedPipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------- private
+    def _open(self) -> None:
+        self.connection.ensure_connection(max_retries=1)
+        self.channel = self.connection.channel()
+        self.channel.confirm_select()
+        self.channel.events["basic_ack"].add(self._on_ack)
+        self.channel.events["basic_nack"].add(self._on_nack)
+        self.producer = self.app.amqp.Producer(self.channel)
+        self._tag = 0
+
+    def _pump(self, until: int) -> None:
+        """Until at most ``until`` publishes are unconfirmed and none waits to go again."""
+        while True:
+            if self.again and len(self.outstanding) < self.window:
+                self._publish(self.again.pop(0))
+            elif len(self.outstanding) <= until and not self.again:
+                return
+            else:
+                self._wait_for_confirms()
+
+    def _publish(self, publish: _Publish) -> None:
+        try:
+            self.send(publish, self.producer)
+        except RETRYABLE_ERRORS as exc:
+            self._recover(exc, also=[publish])
+            return
+        self._tag += 1
+        if not self.outstanding:
+            self._oldest_sent = self.clock()
+        self.outstanding[self._tag] = publish
+
+    def _wait_for_confirms(self) -> None:
+        """Read the channel until a frame came or the oldest publish's confirm is late."""
+        waited = 0.0 if self._oldest_sent is None else self.clock() - self._oldest_sent
+        if waited >= self.confirm_timeout:
+            late = ConfirmTimeout(
+                f"no confirm for {len(self.outstanding)} publishes in {self.confirm_timeout:g} s"
+            )
+            self._recover(late)
+            return
+        try:
+            self.connection.drain_events(timeout=self.confirm_timeout - waited)
+        except (TimeoutError, socket.timeout):  # noqa: UP041 (the next round sees it late)
+            pass
+        except RETRYABLE_ERRORS as exc:
+            self._recover(exc)
+
+    def _on_ack(self, tag: int, multiple: bool) -> None:
+        for done in self._take(tag, multiple):
+            self.confirmed += 1
+            self.on_confirm(done.task_id)
+        self._progress()
+
+    def _on_nack(self, tag: int, multiple: bool) -> None:
+        nacked = self._take(tag, multiple)
+        logger.warning(
+            "%d publishes nacked via %s: publishing them again", len(nacked), self.node()
+        )
+        self.again.extend(nacked)
+        self.republished += len(nacked)
+
+    def _take(self, tag: int, multiple: bool) -> list[_Publish]:
+        tags = [t for t in self.outstanding if t <= tag] if multiple else [tag]
+        taken = [p for t in tags if (p := self.outstanding.pop(t, None)) is not None]
+        self._oldest_sent = self.clock() if self.outstanding else None
+        return taken
+
+    def _progress(self) -> None:
+        self._stalled_since = None
+        self._failures = 0
+        self._intervals = retry_intervals()
+
+    def _recover(self, exc: BaseException, also: Sequence[_Publish] = ()) -> None:
+        """The connection failed or a confirm was late: everything unconfirmed goes
+        again on a fresh connection (the next node), within the budget."""
+        self.again = [*self.outstanding.values(), *also, *self.again]
+        self.republished += len(self.outstanding) + len(also)
+        self.outstanding.clear()
+        self._oldest_sent = None
+        while True:
+            now = self.clock()
+            if self._stalled_since is None:
+                self._stalled_since = now
+            elapsed = now - self._stalled_since
+            if elapsed >= self.budget:
+                first = self.again[0].task_id if self.again else "?"
+                raise PublishBudgetExceeded(first, self.budget, elapsed, self._failures + 1, exc)
+            self._failures += 1
+            wait = next(self._intervals) if self._failures % self._nodes == 0 else 0.0
+            failed_node = self.node()
+            try:
+                self.connection.maybe_switch_next()  # closes the failed connection too
+            except Exception:
+                logger.debug("closing the failed connection", exc_info=True)
+            logger.warning(
+                "pipeline via %s failed: %r; %d unconfirmed publishes go again via %s in "
+                "%.1f s (retrying for %.1f s of the %g s budget)",
+                failed_node,
+                exc,
+                len(self.again),
+                self.node(),
+                wait,
+                elapsed,
+                self.budget,
+            )
+            self.sleep(min(wait, max(0.0, self.budget - elapsed)))
+            self.reconnects += 1
+            try:
+                self._open()
+                return
+            except RETRYABLE_ERRORS as failed:
+                exc = failed
