@@ -240,6 +240,12 @@ class RabbitmqConfig:
         return match["version"]
 
 
+#: Bounds of workers.scheduler.publishWindow: 1 (a confirm per publish) to what one
+#: channel should hold unconfirmed.
+MIN_PUBLISH_WINDOW = 1
+MAX_PUBLISH_WINDOW = 10_000
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     """The article's scheduler, as a Kubernetes Job that enqueues `tasks` count tasks."""
@@ -247,6 +253,9 @@ class SchedulerConfig:
     enabled: bool = False
     tasks: int = 10_000
     task_seconds: float = 1.0
+    # Publishes in flight unconfirmed (app/pipeline.py): each task id still counts only
+    # once RabbitMQ confirmed it; 1 waits for every confirm (~1.4 ms a task on the twin).
+    publish_window: int = 256
     # Change it to enqueue the tasks again: a run is identified by its own settings
     # (runId, tasks, taskSeconds), so a new worker image never re-runs it.
     run_id: str = "1"
@@ -661,6 +670,12 @@ def validate(config: StackConfig) -> None:
             _key("workers.scheduler.runId"),
             workers.scheduler.run_id,
             "1-63 letters, digits, '.', '_' or '-' (change it to enqueue the tasks again)",
+        )
+    if not MIN_PUBLISH_WINDOW <= workers.scheduler.publish_window <= MAX_PUBLISH_WINDOW:
+        raise ConfigError(
+            _key("workers.scheduler.publishWindow"),
+            workers.scheduler.publish_window,
+            f"an integer from {MIN_PUBLISH_WINDOW} to {MAX_PUBLISH_WINDOW}",
         )
     if workers.scheduler.task_seconds < 0:
         raise ConfigError(

@@ -258,6 +258,7 @@ def scheduler_job(args: CeleryWorkersArgs, image: pulumi.Input[str]) -> Manifest
                                 "app.scheduler",
                                 f"--tasks={scheduler.tasks}",
                                 f"--task-seconds={scheduler.task_seconds:g}",
+                                f"--window={scheduler.publish_window}",
                             ],
                             "env": _broker_env(),
                             "resources": args.workers.resources.to_kubernetes(),

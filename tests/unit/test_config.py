@@ -133,6 +133,8 @@ def test_existing_target_needs_no_gcp_project() -> None:
         ("celery-cluster:rabbitmq", ["netTicktimeSeconds"], 2, "an integer from 5 to 120"),
         ("celery-cluster:rabbitmq", ["netTicktimeSeconds"], 600, "an integer from 5 to 120"),
         ("celery-cluster:rabbitmq", ["netTicktimeSeconds"], "10", "an integer"),
+        ("celery-cluster:workers", ["scheduler", "publishWindow"], 0, "an integer from 1 to"),
+        ("celery-cluster:workers", ["scheduler", "publishWindow"], 20000, "from 1 to 10000"),
         ("celery-cluster:workers", ["resources", "memoryRequest"], "lots", "Kubernetes quantity"),
     ],
 )

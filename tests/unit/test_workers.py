@@ -92,6 +92,8 @@ def test_scheduler_job_runs_once_is_awaited_and_bounded() -> None:
     container = job["spec"]["template"]["spec"]["containers"][0]
     assert container["command"][:3] == ["python", "-m", "app.scheduler"]
     assert "--tasks=10000" in container["command"]
+    # Pipelined publishing (app.pipeline), as the stack config says.
+    assert "--window=256" in container["command"]
     assert job["spec"]["template"]["metadata"]["labels"][AMQP_CLIENT_LABEL] == "true"
     options = workers.scheduler_options(_config("dev"))
     assert options.ignore_changes == ["spec"]
