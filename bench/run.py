@@ -137,6 +137,8 @@ class Config:
     pool: str
     concurrency: int
     settings: dict[str, Any]  # what differs, for results.json
+    #: Publishes unconfirmed at once (ours: the scheduler Job's, app/pipeline.py).
+    publish_window: int = 1
 
 
 def article_config() -> Config:
@@ -176,9 +178,11 @@ def article_config() -> Config:
 def ours_config(pod_env: Mapping[str, str], command: Sequence[str]) -> Config:
     """This project as shipped: what ``app.celery`` loads in the Deployment's pod 0."""
     from app.settings import celery_config
+    from components.config import SchedulerConfig
 
     shipped = WorkerSettings.from_env(pod_env)
     conf = celery_config(shipped)
+    window = SchedulerConfig().publish_window  # the Job's --window, as rendered
     return Config(
         key="ours",
         title="ours (quorum queue, app/settings.py)",
@@ -187,6 +191,7 @@ def ours_config(pod_env: Mapping[str, str], command: Sequence[str]) -> Config:
         queue=shipped.queue,
         pool=shipped.pool,
         concurrency=shipped.concurrency,
+        publish_window=window,
         settings={
             "celery_app": "app.celery (celery_config(WorkerSettings.from_env()))",
             "worker_command": " ".join(command),
@@ -198,6 +203,7 @@ def ours_config(pod_env: Mapping[str, str], command: Sequence[str]) -> Config:
             "confirm_publish": conf["broker_transport_options"].get("confirm_publish", False),
             "task_publish_retry_policy": conf["task_publish_retry_policy"],
             "publish_retry_seconds": shipped.publish_retry_seconds,
+            "publish_window": window,
             "broker_url_order": f"rotated per pod ({ENV_BROKER_ROTATION} unset: by hostname)",
             "broker_heartbeat": conf["broker_heartbeat"],
             "pool": conf["worker_pool"],
@@ -687,6 +693,9 @@ class Bench:
             str(pub.result_file),
             "--confirms",
             confirms,
+            # Pipelining needs confirms; a run with them switched off publishes plainly.
+            "--window",
+            str(side.config.publish_window if confirms != "off" else 1),
         ]
         workload = twin.without_probes(side.twin.deployment, command)
         workload["spec"]["template"]["spec"]["restartPolicy"] = "Never"  # a Job's pod
