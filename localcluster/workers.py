@@ -319,9 +319,11 @@ class Workers:
         self._schedulers.append(sched)
         return sched
 
-    def publish(self, n_tasks: int, ids_file: Path, timeout: float = 120) -> str:
+    def publish(
+        self, n_tasks: int, ids_file: Path, timeout: float = 120, extra_args: Sequence[str] = ()
+    ) -> str:
         """Run the scheduler to completion; return its output; raise if it failed."""
-        sched = self.scheduler(n_tasks, ids_file)
+        sched = self.scheduler(n_tasks, ids_file, extra_args=extra_args)
         try:
             code = sched.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
