@@ -30,49 +30,38 @@ def _rate(output: str) -> float:
     return float(found.group(1))
 
 
-def test_pipelined_publishing_confirms_every_task_and_is_faster(
+def test_pipelined_publishing_is_faster_and_a_broker_kill_under_it_loses_nothing(
     rabbit_twin: StatefulSetTwin,
     worker_pods: Callable[..., WorkerPods],
     workers_factory: Callable[..., Workers],
     tmp_path: Path,
 ) -> None:
-    """The same scheduler, one confirm at a time and then ``--window 128``: every id
-    written is a task that completes, and the pipelined run publishes much faster."""
+    """1. The same scheduler, one confirm at a time and then ``--window 128``: every id
+    written is a task that completes, and the pipelined run publishes much faster.
+    2. Pipelined at 300/s, the RabbitMQ pod it publishes through SIGKILLed mid-run: what
+    was not confirmed goes again via the next pod; every confirmed task completes."""
     group = worker_pods(rabbit_twin, STEP_S)
     for i in range(len(rabbit_twin.worker_names())):
         group.wait_consuming(group.start(i))
     w = publisher(workers_factory, rabbit_twin, STEP_S)
     one_ids, piped_ids = tmp_path / "one.txt", tmp_path / "piped.txt"
-    one = w.publish(400, one_ids)
-    piped = w.publish(2000, piped_ids, extra_args=["--window", str(WINDOW)])
-    assert "published=400 failed=0" in one, one
-    assert "published=2000 failed=0 not_attempted=0" in piped, piped
+    one = w.publish(200, one_ids)
+    piped = w.publish(1000, piped_ids, extra_args=["--window", str(WINDOW)])
+    assert "published=200 failed=0" in one, one
+    assert "published=1000 failed=0 not_attempted=0" in piped, piped
     assert f"window={WINDOW}" in piped, piped
     ids = ledger.read_ids(one_ids) + ledger.read_ids(piped_ids)
-    assert len(ids) == len(set(ids)) == 2400
+    assert len(ids) == len(set(ids)) == 1200
     wait_until(all_completed(group.ledger, piped_ids), 120, "the pipelined tasks to complete")
     wait_until(all_completed(group.ledger, one_ids), 60, "the other tasks to complete")
     numbers = report(
         "pipelined_publish", ids, group.ledger, 0.0, one_rate=_rate(one), piped=_rate(piped)
     )
-    assert numbers["lost"] == 0 and numbers["completed"] == 2400
-    # Measured on this 2-core machine: ~2.5-3x. Bound: clearly more than one at a time.
+    assert numbers["lost"] == 0 and numbers["completed"] == 1200
+    # Measured on this 2-core machine under make test's load: 436/s against 104/s.
     assert _rate(piped) > 1.5 * _rate(one), (one, piped)
 
-
-def test_pipelined_publishing_through_a_broker_kill_loses_nothing(
-    rabbit_twin: StatefulSetTwin,
-    worker_pods: Callable[..., WorkerPods],
-    workers_factory: Callable[..., Workers],
-    tmp_path: Path,
-) -> None:
-    """The RabbitMQ pod the scheduler publishes through SIGKILLed mid-run: what was not
-    confirmed is published again via the next pod; every confirmed task completes."""
-    n, rate = 3000, 300.0
-    group = worker_pods(rabbit_twin, STEP_S)
-    for i in range(len(rabbit_twin.worker_names())):
-        group.wait_consuming(group.start(i))
-    w = publisher(workers_factory, rabbit_twin, STEP_S)
+    n, rate = 1500, 300.0
     ids_file = tmp_path / "ids.txt"
     sched = w.scheduler(n, ids_file, rate=rate, extra_args=["--window", str(WINDOW)])
     wait_until(
