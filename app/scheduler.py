@@ -59,6 +59,36 @@ def _report_unconfirmed(unconfirmed: list[str], unconfirmed_file: str | None) ->
         click.echo(f"unconfirmed {task_id}", err=True)
 
 
+def _pace(started: float, i: int, rate: float) -> None:
+    """Publish at most ``rate`` a second, paced against the start time, so that slow
+    publishes are caught up."""
+    if rate > 0:
+        ahead = started + i / rate - time.monotonic()
+        if ahead > 0:
+            time.sleep(ahead)
+
+
+def _progress(task_ids: list[str], progress: bool) -> Any:
+    return click.progressbar(
+        task_ids,
+        label="publishing",
+        file=sys.stderr if progress else io.StringIO(),
+        show_pos=True,
+    )
+
+
+def _say_gave_up(exc: Any, settings: Any) -> None:
+    from app.settings import ENV_PUBLISH_RETRY_SECONDS
+
+    click.echo(
+        f"\ngiving up: no RabbitMQ node took a publish for {exc.elapsed:.1f} s "
+        f"({exc.attempts} attempts; the budget is {exc.budget:g} s, "
+        f"{ENV_PUBLISH_RETRY_SECONDS}={settings.publish_retry_seconds:g}); "
+        f"last error: {exc.last!r}",
+        err=True,
+    )
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--tasks",
@@ -130,7 +160,7 @@ def main(
     progress: bool,
 ) -> None:
     """Enqueue N count tasks with publisher confirms and report the rate."""
-    from app.settings import ENV_PUBLISH_RETRY_SECONDS, settings_or_exit
+    from app.settings import settings_or_exit
 
     if publish_ids is not None:
         if ctx.get_parameter_source("n_tasks") is not click.core.ParameterSource.DEFAULT:
@@ -172,21 +202,9 @@ def main(
     ids_fh: IO[str] | None = open(ids_file, "a", encoding="utf-8") if ids_file else None  # noqa: SIM115
     started = time.monotonic()
     try:
-        with (
-            app.producer_or_acquire() as producer,
-            click.progressbar(
-                task_ids,
-                label="publishing",
-                file=sys.stderr if progress else io.StringIO(),
-                show_pos=True,
-            ) as bar,
-        ):
+        with app.producer_or_acquire() as producer, _progress(task_ids, progress) as bar:
             for i, task_id in enumerate(bar):
-                if rate > 0:
-                    # Pace against the start time, so slow publishes are caught up.
-                    ahead = started + i / rate - time.monotonic()
-                    if ahead > 0:
-                        time.sleep(ahead)
+                _pace(started, i, rate)
                 try:
                     count.apply_async(
                         kwargs={"step_seconds": task_seconds},
@@ -198,13 +216,7 @@ def main(
                     # gone, the next publishes would wait as long again.
                     failed.append(task_id)
                     stopped_at = i + 1
-                    click.echo(
-                        f"\ngiving up: no RabbitMQ node took a publish for {exc.elapsed:.1f} s "
-                        f"({exc.attempts} attempts; the budget is {exc.budget:g} s, "
-                        f"{ENV_PUBLISH_RETRY_SECONDS}={settings.publish_retry_seconds:g}); "
-                        f"last error: {exc.last!r}",
-                        err=True,
-                    )
+                    _say_gave_up(exc, settings)
                     break
                 except Exception as exc:  # report it and keep counting
                     failed.append(task_id)
@@ -253,7 +265,6 @@ def _publish_pipelined(
     """``--window`` > 1: the same tasks and report, through the confirmed pipeline."""
     from app.pipeline import ConfirmedPipeline
     from app.publish import PublishBudgetExceeded
-    from app.settings import ENV_PUBLISH_RETRY_SECONDS
 
     confirmed: set[str] = set()
     ids_fh: IO[str] | None = open(ids_file, "a", encoding="utf-8") if ids_file else None  # noqa: SIM115
@@ -271,28 +282,14 @@ def _publish_pipelined(
         pipeline = ConfirmedPipeline(
             app, window=window, budget=settings.publish_retry_seconds, on_confirm=on_confirm
         )
-        with click.progressbar(
-            task_ids,
-            label="publishing",
-            file=sys.stderr if progress else io.StringIO(),
-            show_pos=True,
-        ) as bar:
+        with _progress(task_ids, progress) as bar:
             for i, task_id in enumerate(bar):
-                if rate > 0:
-                    ahead = started + i / rate - time.monotonic()
-                    if ahead > 0:
-                        time.sleep(ahead)
+                _pace(started, i, rate)
                 submitted += 1  # attempted, from here on: confirmed or listed
                 pipeline.submit(task, task_id, kwargs={"step_seconds": task_seconds})
         pipeline.flush()
     except PublishBudgetExceeded as exc:
-        click.echo(
-            f"\ngiving up: no RabbitMQ node took a publish for {exc.elapsed:.1f} s "
-            f"({exc.attempts} attempts; the budget is {exc.budget:g} s, "
-            f"{ENV_PUBLISH_RETRY_SECONDS}={settings.publish_retry_seconds:g}); "
-            f"last error: {exc.last!r}",
-            err=True,
-        )
+        _say_gave_up(exc, settings)
     finally:
         if pipeline is not None:
             pipeline.close()

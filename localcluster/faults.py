@@ -124,6 +124,29 @@ def _w0_node(run: FaultContext) -> tuple[int, str]:
     return 0, "its broker rotation (no connection found)"
 
 
+def _broker_record(run: FaultContext, kind: str, **detail: Any) -> tuple[int, str, FaultRecord]:
+    """The RabbitMQ pod ``run.target`` names, how it was found, and the record of a
+    fault about to hit it."""
+    node, how = _target_node(run)
+    run.tail.poll()
+    record = run.recording(
+        FaultRecord(
+            kind,
+            target=run.nodes.node_names[node],
+            found_by=how,
+            at_completed=run.completed(),
+            detail={"node": node, **detail},
+        )
+    )
+    return node, how, record
+
+
+def _peer_events(nodes: RabbitPods, node: int) -> list[rabbitlog.Event]:
+    """What every other pod's RabbitMQ log says (node-down, new leaders, alarms)."""
+    peers = [i for i in range(len(nodes.node_names)) if i != node]
+    return [e for i in peers for e in rabbitlog.parse(nodes.log(i), nodes.erlang_node(i))]
+
+
 class NoFault:
     name = "none"
     help = "no fault: the baseline"
@@ -444,19 +467,8 @@ class MachineLoss:
 
     def _broker(self, run: FaultContext) -> FaultRecord:
         nodes = run.nodes
-        node, how = _target_node(run)
+        node, how, record = _broker_record(run, self.name)
         name, lost = nodes.node_names[node], nodes.erlang_node(node)
-        peers = [i for i in range(len(nodes.node_names)) if i != node]
-        run.tail.poll()
-        record = run.recording(
-            FaultRecord(
-                self.name,
-                target=name,
-                found_by=how,
-                at_completed=run.completed(),
-                detail={"node": node},
-            )
-        )
         quiet = partition.silence(nodes.network_namespace(node))
         with ClientWatch(run) as watch:
             time.sleep(2 * watch.every)  # where every client is before the fault
@@ -478,14 +490,14 @@ class MachineLoss:
             nodes.stop_node(node, graceful=False)
             nodes.start_node(node)
             record.back = time.time()
-        events = [e for i in peers for e in rabbitlog.parse(nodes.log(i), nodes.erlang_node(i))]
+        events = _peer_events(nodes, node)
         injected = record.injected
         down = rabbitlog.first_down(events, lost, injected)
         leader = rabbitlog.first_new_leader(events, run.queue, injected, other_than=lost)
         record.detail.update(
             declared_down_s={peer: round(t - injected, 2) for peer, t in sorted(down.items())},
             all_peers_declared_down_s=round(max(down.values()) - injected, 2)
-            if len(down) == len(peers)
+            if len(down) == len(nodes.node_names) - 1
             else None,
             new_leader_s=None if leader is None else round(leader.ts - injected, 2),
             new_leader=None if leader is None else leader.node,
@@ -568,19 +580,8 @@ class Pause:
 
     def _broker(self, run: FaultContext) -> FaultRecord:
         nodes = run.nodes
-        node, how = _target_node(run)
+        node, how, record = _broker_record(run, self.name, paused_s=run.down_seconds)
         name, paused = nodes.node_names[node], nodes.erlang_node(node)
-        peers = [i for i in range(len(nodes.node_names)) if i != node]
-        run.tail.poll()
-        record = run.recording(
-            FaultRecord(
-                self.name,
-                target=name,
-                found_by=how,
-                at_completed=run.completed(),
-                detail={"node": node, "paused_s": run.down_seconds},
-            )
-        )
         with ClientWatch(run) as watch:
             time.sleep(2 * watch.every)  # where every client is before the pause
             run.set_phase(f"{name} PAUSED")
@@ -596,8 +597,7 @@ class Pause:
             # Taken for dead meanwhile, it must come back on its own (no replacement).
             nodes.wait_clustered(timeout=PARTITION_TIMEOUT)
             record.back = time.time()
-        events = [e for i in peers for e in rabbitlog.parse(nodes.log(i), nodes.erlang_node(i))]
-        down = rabbitlog.first_down(events, paused, record.injected)
+        down = rabbitlog.first_down(_peer_events(nodes, node), paused, record.injected)
         moved = watch.moved(node, record.injected)
         record.detail.update(
             declared_down_s={p: round(t - record.injected, 2) for p, t in sorted(down.items())},
