@@ -33,7 +33,11 @@ from typing import Any
 from celery import Celery, Task
 
 from app.publish import RETRYABLE_ERRORS, PublishBudgetExceeded, retry_intervals
-from app.settings import PUBLISH_CONFIRM_TIMEOUT_SECONDS, sanitize_url
+from app.settings import (
+    DEFAULT_PUBLISH_RETRY_SECONDS,
+    PUBLISH_CONFIRM_TIMEOUT_SECONDS,
+    sanitize_url,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +80,7 @@ class ConfirmedPipeline:
 
     app: Celery
     window: int = DEFAULT_WINDOW
-    budget: float = 120.0
+    budget: float = DEFAULT_PUBLISH_RETRY_SECONDS
     on_confirm: Callable[[str], None] = lambda task_id: None
     confirm_timeout: float = PUBLISH_CONFIRM_TIMEOUT_SECONDS
     clock: Callable[[], float] = time.monotonic
