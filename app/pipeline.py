@@ -8,9 +8,9 @@ batches (``basic.ack`` with ``multiple``), and each task id is reported confirme
 (``on_confirm``) only once its own confirm arrived, so the guarantee is the same:
 an id reported is in a quorum queue's majority.
 
-The messages are Celery's own: each is published by ``celery.Task.apply_async``
-(protocol 2, as ``app.amqp`` builds it, routed as the app routes it) on a producer
-whose channel does not wait for the confirm; the workers consume them unchanged.
+The messages are Celery's own: each is built and sent by ``app.amqp`` (protocol 2,
+routed as the app routes it; :class:`CeleryMessages`) on a producer whose channel does
+not wait for the confirm; the workers consume them unchanged.
 
 What was not confirmed is published again: on a ``basic.nack``, when a confirm does
 not come within ``confirm_timeout``, or when the connection fails (then on the next
@@ -58,17 +58,90 @@ class _Publish:
     kwargs: Mapping[str, Any]
 
 
-def celery_send(publish: _Publish, producer: Any) -> None:
-    """One task message, as Celery builds and routes it, written to ``producer``'s channel
-    (``celery.Task.apply_async``: not :class:`app.publish.BudgetedTask`'s retrying one)."""
-    Task.apply_async(
-        publish.task,
-        publish.args,
-        publish.kwargs,
-        task_id=publish.task_id,
-        producer=producer,
-        retry=False,  # what fails is published again by ConfirmedPipeline._recover
-    )
+@dataclass(frozen=True)
+class _Route:
+    """What ``Task.apply_async`` and ``Celery.send_task`` work out for a task before
+    they build its message: its execution options, routed by the app's router."""
+
+    options: dict[str, Any]
+    time_limit: Any
+    soft_time_limit: Any
+    ignore_result: Any
+
+
+class CeleryMessages:
+    """Sends ``_Publish``es as Celery task messages: each built by ``app.amqp``'s own
+    ``create_task_message`` (protocol 2) and sent by its ``send_task_message`` (routing,
+    serializer, compression, delivery mode and the publish signals as Celery has them).
+
+    ``Task.apply_async`` does the same and more, per call: it resolves the task's
+    options and route again (the router, the app's conf lookups), and has kombu look
+    the queue up in its declaration cache; that is two thirds of its CPU time, and one
+    publisher process's CPU is what bounds a pipeline (docs/bench.md). Here the route
+    is resolved once per task (the app's routes, app/settings.py, depend on the task
+    alone) and the queue declared once per producer (a new one after each reconnect).
+    tests/unit/test_pipeline.py checks the message is the one ``apply_async`` sends.
+    """
+
+    def __init__(self) -> None:
+        self._routes: dict[str, _Route] = {}
+        self._declared_on: Any = None
+
+    def route(self, task: Task) -> _Route:
+        route = self._routes.get(task.name)
+        if route is None:
+            # As Task.apply_async, then Celery.send_task: the task's options, then the router.
+            options = dict(task._get_exec_options())
+            options.setdefault("ignore_result", task.ignore_result)
+            time_limit, soft_time_limit, expires = (
+                options.pop(k, None) for k in ("time_limit", "soft_time_limit", "expires")
+            )
+            if expires is not None:  # a deadline per message: not what a bulk publish sends
+                raise ValueError(f"task {task.name}: ConfirmedPipeline does not send expires")
+            ignore_result = options.pop("ignore_result")
+            options = task.app.amqp.router.route(options, task.name, (), {}, task)
+            route = _Route(options, time_limit, soft_time_limit, ignore_result)
+            self._routes[task.name] = route
+        return route
+
+    def __call__(self, publish: _Publish, producer: Any) -> None:
+        task = publish.task
+        app = task.app
+        route = self.route(task)
+        if task.typing:  # the argument check apply_async makes
+            check = getattr(task, "__header__", None)
+            if check is not None:
+                check(*publish.args, **publish.kwargs)
+        parent = app.current_worker_task  # a task that publishes: its ids, as Celery sets them
+        root_id = parent_id = None
+        if parent is not None:
+            root_id = parent.request.root_id or parent.request.id
+            parent_id = parent.request.id
+        message = app.amqp.create_task_message(
+            publish.task_id,
+            task.name,
+            publish.args,
+            publish.kwargs,
+            reply_to=app.thread_oid,
+            time_limit=route.time_limit,
+            soft_time_limit=route.soft_time_limit,
+            create_sent_event=app.conf.task_send_sent_event,
+            root_id=root_id,
+            parent_id=parent_id,
+            ignore_result=route.ignore_result,
+            **route.options,
+        )
+        # None: Celery declares the queue (kombu's cache); [] once it did on this producer.
+        declare: list[Any] | None = None if producer is not self._declared_on else []
+        app.amqp.send_task_message(
+            producer,
+            task.name,
+            message,
+            declare=declare,
+            retry=False,  # what fails is published again by ConfirmedPipeline._recover
+            **route.options,
+        )
+        self._declared_on = producer
 
 
 @dataclass
@@ -85,7 +158,7 @@ class ConfirmedPipeline:
     confirm_timeout: float = PUBLISH_CONFIRM_TIMEOUT_SECONDS
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], None] = time.sleep
-    send: Callable[[_Publish, Any], None] = celery_send
+    send: Callable[[_Publish, Any], None] = field(default_factory=CeleryMessages)
     #: delivery tag (this channel's) -> what it published, oldest first.
     outstanding: dict[int, _Publish] = field(default_factory=dict)
     #: nacked or timed out: to publish again, in order.

@@ -216,3 +216,86 @@ def test_no_node_for_the_whole_budget_raises_and_names_what_was_not_confirmed() 
 def test_a_window_below_one_is_refused() -> None:
     with pytest.raises(ValueError, match="window must be at least 1, got 0"):
         make(FakeBroker(), window=0)
+
+
+# ------------------------------------------------- the messages are Celery's own
+def _shipped_app_on_memory() -> Any:
+    """A Celery app with the shipped settings (app/settings.py), on kombu's in-memory
+    transport, and a task like app.tasks.count (same name, same base class)."""
+    from celery import Celery
+
+    from app.publish import BudgetedTask
+    from app.settings import WorkerSettings, celery_config
+
+    settings = WorkerSettings.from_env({"CELERY_BROKER_URLS": "amqp://u:p@rabbit-0:5672/celery"})
+    conf = celery_config(settings)
+    conf["broker_url"] = "memory://"
+    conf.pop("broker_transport_options")  # confirm_publish: py-amqp's, not memory's
+    app = Celery("fidelity", set_as_current=False, task_cls=BudgetedTask)
+    app.conf.update(conf)
+
+    @app.task(bind=True, name="app.tasks.count")
+    def count(self: Any, step_seconds: float | None = None) -> int:
+        return 10
+
+    return app, count
+
+
+def _received(app: Any, queue: str, n: int) -> list[dict[str, Any]]:
+    with app.connection_for_read() as conn:
+        channel = conn.default_channel
+        got: list[dict[str, Any]] = []
+        for _ in range(n):
+            message = channel.basic_get(queue, no_ack=True)
+            assert message is not None, f"only {len(got)} of {n} messages in {queue}"
+            got.append(
+                {
+                    "headers": dict(message.headers),
+                    "properties": {
+                        k: v
+                        for k, v in message.properties.items()
+                        if k not in ("delivery_tag", "delivery_info", "body_encoding")
+                    },
+                    "exchange": message.delivery_info["exchange"],
+                    "routing_key": message.delivery_info["routing_key"],
+                    "content_type": message.content_type,
+                    "content_encoding": message.content_encoding,
+                    "body": message.decode(),
+                }
+            )
+        assert channel.basic_get(queue, no_ack=True) is None, "more messages than published"
+        return got
+
+
+def _without_ids(message: dict[str, Any], task_id: str) -> dict[str, Any]:
+    text = repr(message).replace(task_id, "<id>")
+    return {"repr": text}
+
+
+def test_the_pipeline_sends_the_message_apply_async_sends() -> None:
+    """The same task, args and kwargs, once by ``Task.apply_async`` and twice by
+    ``CeleryMessages`` (the first publish on a producer declares the queue, the next do
+    not): the three messages in the queue differ by their task id only."""
+    from celery import Task as CeleryTask
+
+    from app.pipeline import CeleryMessages
+
+    app, count = _shipped_app_on_memory()
+    args, kwargs = (), {"step_seconds": 0.25}
+    send = CeleryMessages()
+    with app.producer_or_acquire() as producer:
+        # Celery's own apply_async (BudgetedTask's adds retries around this one).
+        CeleryTask.apply_async(
+            count, args, kwargs, task_id="id-apply", producer=producer, retry=False
+        )
+        send(_Publish(count, "id-pipe-1", args, kwargs), producer)
+        send(_Publish(count, "id-pipe-2", args, kwargs), producer)
+    queue = app.conf.task_default_queue
+    applied, piped, piped_again = _received(app, queue, 3)
+    assert (
+        applied["headers"]["task"] == "app.tasks.count" and applied["headers"]["id"] == "id-apply"
+    )
+    assert applied["body"][1] == kwargs  # protocol 2: (args, kwargs, embed)
+    expected = _without_ids(applied, "id-apply")
+    assert _without_ids(piped, "id-pipe-1") == expected
+    assert _without_ids(piped_again, "id-pipe-2") == expected
