@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     with args.ids_file.open("a", encoding="utf-8") as ids, app.producer_or_acquire() as producer:
         # Connect (and declare) before the clock starts: the rate is the loop's.
         producer.connection.ensure_connection(max_retries=3)
-        started = time.time()
+        started, cpu_started = time.time(), time.process_time()
         for i in range(args.tasks):
             if args.rate > 0:
                 ahead = t0 + i / args.rate - time.monotonic()
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             last = now
             ids.write(task_id + "\n")
             ids.flush()
-        ended = time.time()
+        ended, cpu_s = time.time(), time.process_time() - cpu_started
         # Close with AMQP's handshake: RabbitMQ answers close-ok only once it has
         # processed every frame sent before, so no publish (an unconfirmed one
         # included) is left in this process's socket buffer when it exits and the
@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         "last": last,
         "ended": ended,
         "elapsed_s": elapsed,
+        "cpu_s": cpu_s,  # this process's own CPU time in the loop (the publisher's cost)
         "rate": published / elapsed if elapsed > 0 else None,
         "close_error": close_error,
     }
@@ -172,7 +173,7 @@ def _pipelined(args: argparse.Namespace, count: Any) -> int:
         pipeline = ConfirmedPipeline(
             count.app, window=args.window, budget=budget, on_confirm=on_confirm
         )
-        started = time.time()
+        started, cpu_started = time.time(), time.process_time()
         try:
             for i in range(args.tasks):
                 if args.rate > 0:
@@ -185,7 +186,7 @@ def _pipelined(args: argparse.Namespace, count: Any) -> int:
             pipeline.flush()
         except PublishBudgetExceeded as exc:
             errors.append(repr(exc))
-        ended = time.time()
+        ended, cpu_s = time.time(), time.process_time() - cpu_started
         # Closed with AMQP's handshake (see the loop above): nothing left in the socket.
         pipeline.close()
     elapsed = ended - started
@@ -203,6 +204,7 @@ def _pipelined(args: argparse.Namespace, count: Any) -> int:
         "last": last,
         "ended": ended,
         "elapsed_s": elapsed,
+        "cpu_s": cpu_s,
         "rate": confirmed / elapsed if elapsed > 0 else None,
         "close_error": None,
     }

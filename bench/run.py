@@ -73,11 +73,19 @@ from app import ledger
 from app.settings import (
     ENV_BROKER_ROTATION,
     ENV_BROKER_URLS,
+    ENV_CONCURRENCY,
     ENV_HOSTNAME,
     ENV_REMOTE_CONTROL,
     WorkerSettings,
 )
-from bench.results import CONFIG_KEYS, build_results, format_table, plot_results
+from bench.results import (
+    CONFIG_KEYS,
+    build_results,
+    format_table,
+    per_1000,
+    plot_results,
+    slot_usage,
+)
 from localcluster import pods, rootfs, twin
 from localcluster.cli_types import fraction, non_negative_float, positive_float, positive_int
 from localcluster.console import Console, run_guarded
@@ -97,6 +105,25 @@ ARTICLE_RABBITMQ_IMAGE = f"rabbitmq:{rootfs.RABBITMQ_3_10.upstream_version}-mana
 #: The article's worker command (its `celery -A tasks worker`, with our task module).
 ARTICLE_WORKER_COMMAND = ("celery", "--app=bench.article_app", "worker", "--loglevel=INFO")
 PUBLISHER_POD = "bench-publisher"
+#: Worker slots the scaling curve measures, each side up to its own limit (3 pods x its
+#: per-pod concurrency: the article's Celery default, one process per CPU; ours as shipped).
+DEFAULT_SCALING_SLOTS = (1, 3, 6, 24, 96)
+
+
+def slot_layout(slots: int) -> tuple[int, int]:
+    """Worker pods and per-pod concurrency for ``slots``: up to 3 pods of 1 slot, then 3
+    pods of ``slots / 3`` (the Deployment's replicas, each with the same concurrency)."""
+    if slots < 1:
+        raise ValueError(f"--scaling-slots: {slots} is not a positive number of slots")
+    if slots <= WORKERS:
+        return slots, 1
+    if slots % WORKERS:
+        raise ValueError(
+            f"--scaling-slots: {slots} slots do not divide over {WORKERS} worker pods; "
+            f"allowed: 1 to {WORKERS}, or a multiple of {WORKERS}"
+        )
+    return WORKERS, slots // WORKERS
+
 
 #: What the bench changes on top of the twin's own adaptations (twin.ADAPTATIONS),
 #: carried in results.json.
@@ -117,6 +144,11 @@ BENCH_ADAPTATIONS = {
     "CELERY_BROKER_ROTATION=0 (both sides' producer on pod 0 first)",
     "measurement env": "TASK_LEDGER on the twin's shared directory (each execution's "
     "start and finish), read by the bench on this host",
+    "one-node twins": "the scaling curve's 1-node clusters: each side's stack with "
+    "rabbitmq.replicas 1 and environment development (a production stack refuses fewer "
+    "than 3 nodes; development only changes RabbitMQ's disk_free_limit here)",
+    "scaling workers": "scaling points run 1-3 worker pods with the concurrency the point "
+    "needs (ours: CELERY_CONCURRENCY, the article: --concurrency on its command)",
     "ours' remote control": "CELERY_REMOTE_CONTROL=1 on ours' worker pods (shipped: off, "
     "see app/settings.py): the bench pauses and resumes consumers by Celery's remote "
     "control; the article's workers have it on by Celery's default",
@@ -255,8 +287,24 @@ class Side:
     boot: dict[str, Any] = field(default_factory=dict)
     workers: list[pods.Pod] = field(default_factory=list)
 
+    @property
+    def nodes(self) -> int:
+        return len(self.twin.pod_names)
+
+    @property
+    def name(self) -> str:
+        """``article``, ``ours``; ``article-1node``, ``ours-1node`` for the one-node twins."""
+        return self.config.key if self.nodes > 1 else f"{self.config.key}-{self.nodes}node"
+
+    @property
+    def max_slots(self) -> int:
+        return WORKERS * self.config.concurrency
+
     def pod(self, ordinal: int) -> pods.Pod:
         return self.twin.pods[self.twin.pod_names[ordinal]]
+
+    def worker_pids(self) -> list[int]:
+        return [p for pod in self.workers for p in pod.pids()]
 
     def rabbit_pids(self) -> list[int]:
         return [p for pod in self.twin.pods.values() for p in pod.pids()]
@@ -305,7 +353,8 @@ class Bench:
         self.console = console
         self.out = Path(args.out)
         self.logs = self.out / "logs"
-        self.sides: dict[str, Side] = {}
+        self.sides: dict[str, Side] = {}  # the 3-node twins, by configuration
+        self.single: dict[str, Side] = {}  # the 1-node twins (scaling curve), by configuration
         self.opened: dict[str, twin.StatefulSetTwin] = {}  # every twin made, to close
         self.runs: dict[str, list[dict[str, Any]]] = {k: [] for k in CONFIG_KEYS}
         self.checks: dict[str, Any] = {}
@@ -325,38 +374,47 @@ class Bench:
             with contextlib.suppress(FileNotFoundError):
                 (self.out / name).unlink()
         base = stack_config(STACK)["celery-cluster:rabbitmq"]
+        article = {**base, "image": ARTICLE_RABBITMQ_IMAGE}
+        plan: list[tuple[str, int, dict[str, Any]]] = [
+            ("article", 3, {"celery-cluster:rabbitmq": article}),
+            ("ours", 3, {}),
+        ]
+        if self.args.single_node:  # BENCH_ADAPTATIONS["one-node twins"]
+            dev = {"celery-cluster:environment": "development"}
+            plan += [
+                ("article", 1, {**dev, "celery-cluster:rabbitmq": {**article, "replicas": 1}}),
+                ("ours", 1, {**dev, "celery-cluster:rabbitmq": {**base, "replicas": 1}}),
+            ]
+        # Each twin's pods boot while the next is rendered (the render runs the Pulumi
+        # program under mocks: ~20-40 s here, most of the setup).
+        booting: list[Side] = []
+        for key, nodes, overrides in plan:
+            what = "as shipped" if key == "ours" else f"with {ARTICLE_RABBITMQ_IMAGE}"
+            self.say(f"rendering the {STACK} stack {what} ({key}, {nodes} RabbitMQ node(s))")
+            t0 = time.monotonic()
+            cluster = twin.StatefulSetTwin(STACK, overrides=overrides or None)
+            name = key if nodes > 1 else f"{key}-{nodes}node"
+            self.opened[name] = cluster  # closed whatever happens next
+            side = self._article_side(cluster) if key == "article" else self._ours_side(cluster)
+            (self.sides if nodes > 1 else self.single)[key] = side
+            side.boot["render_s"] = round(time.monotonic() - t0, 2)
+            self._start_pods(side)
+            booting.append(side)
+        for side in booting:
+            self._wait_clustered(side)
+            if side.config.key == "article":
+                self._article_vhost(side)
+            self.twins[side.name] = side.info()
+            self.timings[f"{side.name}_clustered_s"] = side.boot["clustered_s"]
+
+    def _article_vhost(self, side: Side) -> None:
+        """The article's vhost, the app user's permissions and the ha-all policy."""
         t0 = time.monotonic()
-        # The article's twin first; its pods boot while ours is rendered (the render
-        # runs the Pulumi program under mocks: ~20-40 s here, most of the setup).
-        self.say(f"rendering the {STACK} stack with {ARTICLE_RABBITMQ_IMAGE} (the article's)")
-        article = twin.StatefulSetTwin(
-            STACK, overrides={"celery-cluster:rabbitmq": {**base, "image": ARTICLE_RABBITMQ_IMAGE}}
-        )
-        self.opened["article"] = article  # closed whatever happens next
-        self.sides["article"] = self._article_side(article)
-        self.sides["article"].boot["render_s"] = round(time.monotonic() - t0, 2)
-        self._start_pods(self.sides["article"])
-        self.say(f"rendering the {STACK} stack as shipped (ours)")
-        t0 = time.monotonic()
-        ours = twin.StatefulSetTwin(STACK)
-        self.opened["ours"] = ours
-        self.sides["ours"] = self._ours_side(ours)
-        self.sides["ours"].boot["render_s"] = round(time.monotonic() - t0, 2)
-        self._start_pods(self.sides["ours"])
-        article_side = self.sides["article"]
-        self._wait_clustered(article_side)
-        # The article's vhost, the app user's permissions and the ha-all policy (while
-        # ours is still booting: three CLI calls of a few seconds each).
-        t0 = time.monotonic()
-        user = urlsplit(article_side.pod_urls[0]).username or ""
-        article.rabbitmqctl(0, "add_vhost", ARTICLE_VHOST)
-        article.rabbitmqctl(0, "set_permissions", "-p", ARTICLE_VHOST, user, ".*", ".*", ".*")
-        article.rabbitmqctl(0, "set_policy", "-p", ARTICLE_VHOST, "ha-all", ".*", HA_ALL_POLICY)
-        article_side.boot["article_vhost_setup_s"] = round(time.monotonic() - t0, 2)
-        self._wait_clustered(self.sides["ours"])
-        for key, side in self.sides.items():
-            self.twins[key] = side.info()
-            self.timings[f"{key}_clustered_s"] = side.boot["clustered_s"]
+        user = urlsplit(side.pod_urls[0]).username or ""
+        side.twin.rabbitmqctl(0, "add_vhost", ARTICLE_VHOST)
+        side.twin.rabbitmqctl(0, "set_permissions", "-p", ARTICLE_VHOST, user, ".*", ".*", ".*")
+        side.twin.rabbitmqctl(0, "set_policy", "-p", ARTICLE_VHOST, "ha-all", ".*", HA_ALL_POLICY)
+        side.boot["article_vhost_setup_s"] = round(time.monotonic() - t0, 2)
 
     def _article_side(self, cluster: twin.StatefulSetTwin) -> Side:
         pod_urls = vhost_urls(cluster.broker_urls(), ARTICLE_VHOST)
@@ -401,14 +459,15 @@ class Bench:
             side.twin.start_pod(ordinal)
 
     def _wait_clustered(self, side: Side, timeout: float = 300) -> None:
-        key = side.config.key
         ready = side.twin.wait_ready(timeout)
         side.boot["pods_ready_s"] = {name: round(s, 2) for name, s in ready.items()}
         self.wait_whole(side, timeout)
         side.boot["clustered_s"] = round(time.monotonic() - side.boot.pop("started_at"), 2)
-        self.versions[key] = side.twin.rabbitmqctl(0, "version").strip()
+        version = side.twin.rabbitmqctl(0, "version").strip()
+        if side.nodes > 1:
+            self.versions[side.config.key] = version
         self.say(
-            f"{key}: RabbitMQ {self.versions[key]}, {len(side.twin.pod_names)} pods clustered "
+            f"{side.name}: RabbitMQ {version}, {side.nodes} pods clustered "
             f"{side.boot['clustered_s']} s after their start (twin {side.twin.run_id})"
         )
 
@@ -439,12 +498,25 @@ class Bench:
         pod.start()
         return pod
 
-    def start_workers(self, side: Side, env: Mapping[str, str]) -> None:
-        for name in side.twin.worker_names():
-            if side.worker_workload is None:  # ours: the Deployment's pod as rendered
+    def start_workers(self, side: Side, env: Mapping[str, str], slots: int | None = None) -> None:
+        """The side's worker pods; with ``slots``, as many pods and as much concurrency as
+        :func:`slot_layout` says (else the Deployment's replicas and concurrency)."""
+        names = side.twin.worker_names()
+        workload = side.worker_workload
+        env = dict(env)
+        if slots is not None:
+            replicas, concurrency = slot_layout(slots)
+            names = names[:replicas]
+            if workload is None:  # ours: the Deployment's pod, its concurrency from the env
+                env[ENV_CONCURRENCY] = str(concurrency)
+            else:  # the article's command line
+                command = (*ARTICLE_WORKER_COMMAND, f"--concurrency={concurrency}")
+                workload = twin.without_probes(side.twin.deployment, command)
+        for name in names:
+            if workload is None:  # ours: the Deployment's pod as rendered
                 pod = side.twin.start_worker(name, env)
             else:
-                pod = self._python_pod(side, side.worker_workload, name, env)
+                pod = self._python_pod(side, workload, name, env)
             side.workers.append(pod)
 
     def remove_pod(self, side: Side, name: str, workdir: Path) -> None:
@@ -465,7 +537,8 @@ class Bench:
         workdir.mkdir(parents=True, exist_ok=True)
         result: dict[str, Any] = {"run": run}
         tail = LedgerTail(shared / "ledger.jsonl")
-        other = [s for k, s in self.sides.items() if k != cfg.key]
+        single = self.single.get(cfg.key)
+        other = [s for s in (*self.sides.values(), *self.single.values()) if s is not side]
         idle_before = cpu_ticks([p for s in other for p in s.rabbit_pids()])
         started = time.monotonic()
         env = {**side.worker_env, "TASK_LEDGER": str(tail.path)}
@@ -482,10 +555,15 @@ class Bench:
 
             # 1. publish, nobody consuming
             self.say(f"{where}: publish {args.publish_tasks} no-op tasks, no worker consuming")
+            broker_before = cpu_ticks(side.rabbit_pids())
             pub = self.publish(side, "publish", args.publish_tasks, 0.0, 0.0, shared, where)
+            broker_cpu = cpu_seconds_since(broker_before, cpu_ticks(side.rabbit_pids()))
             ids = set(pub["ids"])
             result["publish"] = {k: v for k, v in pub.items() if k != "ids"}
+            result["publish"]["broker_cpu_s"] = broker_cpu
             result["publish_rate"] = pub["rate"]
+            result["publish_broker_cpu_per_1000"] = per_1000(broker_cpu, pub["published"])
+            result["publish_client_cpu_per_1000"] = per_1000(pub.get("cpu_s"), pub["published"])
             result["publish"]["queue_depth"] = self.queue_depth(side, len(ids))
             if run == 1:
                 self.checks[cfg.key] = self.check_queue(side)
@@ -505,24 +583,21 @@ class Bench:
 
             # 2. drain: the workers on the full queue
             self.say(f"{where}: drain: {WORKERS} workers consume again")
-            self.console.show(lambda: self._line(side, where, "drain", tail, ids))
-            drain_from = time.time()
-            self.set_consuming(side, True)
-            self.wait_all(tail, ids, args.timeout, f"{where} drain")
-            events = read_events(tail.path)
-            last = max(e.ts for e in events if e.event == ledger.FINISH and e.task_id in ids)
-            result["drain_rate"] = len(ids) / (last - drain_from)
-            result["drain"] = {"tasks": len(ids), "drain_s": last - drain_from}
+            result["drain"] = self.drain(side, tail, ids, where, "drain")
+            result["drain_rate"] = result["drain"]["rate"]
+            result["drain_broker_cpu_per_1000"] = result["drain"]["broker_cpu_per_1000"]
+            result["drain_worker_cpu_per_1000"] = result["drain"]["worker_cpu_per_1000"]
 
             # 3. the article's workload shape, on the idle workers
-            slots = WORKERS * cfg.concurrency
-            ideal = args.sleep_tasks * args.sleep_seconds / slots
+            slots = side.max_slots
+            sleep_tasks = self.sleep_tasks(side)
+            ideal = sleep_tasks * args.sleep_seconds / slots
             self.say(
-                f"{where}: {args.sleep_tasks} tasks x {args.sleep_seconds} s on {slots} slots "
+                f"{where}: {sleep_tasks} tasks x {args.sleep_seconds} s on {slots} slots "
                 f"(ideal {ideal:.2f} s)"
             )
             step = args.sleep_seconds / COUNT_STEPS
-            sleep_pub = self.start_publisher(side, "sleep", args.sleep_tasks, step, 0.0, shared)
+            sleep_pub = self.start_publisher(side, "sleep", sleep_tasks, step, 0.0, shared)
             self.console.show(lambda: self._line(side, where, "sleep", tail, set(sleep_pub.ids())))
             sleep_done = self.finish_publish(side, sleep_pub, where)
             sleep_ids = set(sleep_done["ids"])
@@ -530,20 +605,30 @@ class Bench:
             events = read_events(tail.path)
             finishes = [e.ts for e in events if e.event == ledger.FINISH and e.task_id in sleep_ids]
             starts = [e.ts for e in events if e.event == ledger.START and e.task_id in sleep_ids]
-            drain_s = max(finishes) - sleep_done["started"]
+            # One start and finish per task: the first execution's (a redelivered task
+            # would count twice, and none is expected on a healthy cluster).
+            first_start = {e.task_id: e.ts for e in reversed(events) if e.event == ledger.START}
+            first_finish = {e.task_id: e.ts for e in reversed(events) if e.event == ledger.FINISH}
+            usage = slot_usage(
+                sleep_done["started"],
+                [first_start[t] for t in sleep_ids],
+                [first_finish[t] for t in sleep_ids],
+                slots,
+                args.sleep_seconds,
+            )
+            drain_s = usage["drain_s"]
             result["sleep_drain_s"] = drain_s
             result["sleep_ideal_s"] = ideal
+            result["sleep_over_ideal"] = usage["over_ideal"]
             result["sleep"] = {
-                "tasks": len(sleep_ids),
-                "task_seconds": args.sleep_seconds,
-                "slots": slots,
+                **usage,
+                "scaled_from": args.sleep_tasks,
                 "pool": cfg.pool,
                 "concurrency_per_worker": cfg.concurrency,
-                "ideal_s": ideal,
-                "drain_s": drain_s,
                 "first_start_to_last_finish_s": max(finishes) - min(starts),
                 "publish_s": sleep_done["elapsed_s"],
                 "efficiency": ideal / drain_s if drain_s > 0 else None,
+                "executions": len(starts),
             }
 
             # 4. failover
@@ -558,6 +643,25 @@ class Bench:
             with contextlib.suppress(OSError):
                 shutil.copytree(shared, workdir, dirs_exist_ok=True)
         self.delete_queue(side)
+        # 5. the scaling curve: no-op drains on fewer slots, then on the 1-node twin; the
+        # point at the most slots on 3 nodes is the drain phase's.
+        result["scaling"] = [
+            self.drain_point(side, slots, run, where) for slots in self.slot_points(side)
+        ]
+        result["scaling"].append(
+            {
+                "nodes": side.nodes,
+                "slots": side.max_slots,
+                "pods": WORKERS,
+                "concurrency": cfg.concurrency,
+                "pool": cfg.pool,
+                "publish_rate": result["publish_rate"],
+                "phase": "drain",
+                **result["drain"],
+            }
+        )
+        if single is not None:
+            result["scaling"].append(self.drain_point(single, single.max_slots, run, where))
         result["seconds"] = round(time.monotonic() - started, 1)
         # What the other twin's idle RabbitMQ pods took from the CPUs meanwhile.
         idle_after = cpu_ticks([p for s in other for p in s.rabbit_pids()])
@@ -570,6 +674,86 @@ class Bench:
             f"{result['idle_twin_cpu_s']} CPU s in {result['seconds']} s"
         )
         return result
+
+    def sleep_tasks(self, side: Side) -> int:
+        """``--sleep-tasks`` for the side with the most slots; the others as many fewer as
+        they have fewer slots, so every side's ideal drain time is the same (the
+        article's 6 prefork slots would take 16x longer on 10,000 tasks)."""
+        most = max(s.max_slots for s in self.sides.values())
+        return max(1, round(self.args.sleep_tasks * side.max_slots / most))
+
+    def slot_points(self, side: Side) -> list[int]:
+        """The scaling points to measure: below the side's most slots (the drain phase
+        measures that one)."""
+        return [n for n in self.args.scaling_slots if n < side.max_slots]
+
+    def drain(
+        self, side: Side, tail: LedgerTail, ids: set[str], where: str, what: str
+    ) -> dict[str, Any]:
+        """The side's workers consume again, all at once: until every id completed. The
+        rate, and the CPU seconds RabbitMQ's and the workers' processes spent meanwhile
+        (their own accounting, /proc/<pid>/stat)."""
+        self.console.show(lambda: self._line(side, where, what, tail, ids))
+        broker_before, workers_before = cpu_ticks(side.rabbit_pids()), cpu_ticks(side.worker_pids())
+        drain_from = time.time()
+        self.set_consuming(side, True)
+        self.wait_all(tail, ids, self.args.timeout, f"{where} {what}")
+        broker_cpu = cpu_seconds_since(broker_before, cpu_ticks(side.rabbit_pids()))
+        worker_cpu = cpu_seconds_since(workers_before, cpu_ticks(side.worker_pids()))
+        self.console.show(None)
+        events = read_events(tail.path)
+        last = max(e.ts for e in events if e.event == ledger.FINISH and e.task_id in ids)
+        drain_s = last - drain_from
+        return {
+            "tasks": len(ids),
+            "drain_s": drain_s,
+            "rate": len(ids) / drain_s,
+            "broker_cpu_s": broker_cpu,
+            "worker_cpu_s": worker_cpu,
+            "broker_cpu_per_1000": per_1000(broker_cpu, len(ids)),
+            "worker_cpu_per_1000": per_1000(worker_cpu, len(ids)),
+        }
+
+    def drain_point(self, side: Side, slots: int, run: int, where: str) -> dict[str, Any]:
+        """One point of the scaling curve: ``--scaling-tasks`` no-op tasks published
+        while no worker consumes, then drained by ``slots`` worker slots."""
+        n = self.args.scaling_tasks
+        replicas, concurrency = slot_layout(slots)
+        label = f"scale-{side.nodes}node-{slots}slots"
+        where = f"{where} {label}"
+        shared = side.twin.shared_dir(f"run{run}-{label}")
+        workdir = self.logs / f"run{run}-{side.config.key}" / label
+        workdir.mkdir(parents=True, exist_ok=True)
+        tail = LedgerTail(shared / "ledger.jsonl")
+        try:
+            self.delete_queue(side)
+            self.say(f"{where}: {replicas} worker pods x {concurrency}, {n} no-op tasks")
+            self.start_workers(side, {**side.worker_env, "TASK_LEDGER": str(tail.path)}, slots)
+            self.wait_consumers(side, replicas, self.args.timeout)
+            self.set_consuming(side, False)
+            pub = self.publish(side, "scale", n, 0.0, 0.0, shared, where)
+            ids = set(pub["ids"])
+            self.queue_depth(side, len(ids))
+            drained = self.drain(side, tail, ids, where, label)
+        finally:
+            self.console.show(None)
+            for name in [PUBLISHER_POD, *(w.name for w in side.workers)]:
+                self.remove_pod(side, name, workdir)
+            side.workers = []
+        self.delete_queue(side)
+        self.say(
+            f"{where}: {drained['rate']:.0f} tasks/s; CPU s per 1,000 tasks: broker "
+            f"{drained['broker_cpu_per_1000']:.2f}, workers {drained['worker_cpu_per_1000']:.2f}"
+        )
+        return {
+            "nodes": side.nodes,
+            "slots": slots,
+            "pods": replicas,
+            "concurrency": concurrency,
+            "pool": side.config.pool,
+            "publish_rate": pub["rate"],
+            **drained,
+        }
 
     def failover(self, side: Side, shared: Path, tail: LedgerTail, where: str) -> dict[str, Any]:
         args = self.args
@@ -785,7 +969,7 @@ class Bench:
         remote control (``cancel_consumer`` / ``add_consumer``, broadcast), repeated
         until the queue's consumer count says every worker did it."""
         cfg = side.config
-        want = WORKERS if on else 0
+        want = len(side.workers) if on else 0
         replies: Any = None
         deadline = time.monotonic() + timeout
         while True:
@@ -905,6 +1089,18 @@ class Bench:
 
 
 # ------------------------------------------------------------------------- CLI
+def slot_counts(raw: str) -> list[int]:
+    """``--scaling-slots``: comma-separated slot counts :func:`slot_layout` accepts."""
+    try:
+        counts = sorted({int(part) for part in raw.split(",")})
+        for n in counts:
+            slot_layout(n)
+    except ValueError as error:
+        detail = str(error) if "--scaling-slots" in str(error) else f"not integers: {raw!r}"
+        raise argparse.ArgumentTypeError(detail) from None
+    return counts
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
@@ -929,14 +1125,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add(
         "--sleep-tasks",
         type=positive_int,
-        default=300,
-        help="tasks of the sleeping workload (the article queued 10,000)",
+        default=10_000,
+        help="tasks of the sleeping workload, as the article queued, for the side with the "
+        "most slots (ours); a side with fewer slots runs proportionally fewer",
     )
     add(
         "--sleep-seconds",
         type=non_negative_float,
-        default=1.0,
-        help="how long each sleeps (the article: 10 s)",
+        default=0.5,
+        help="how long each sleeps, in 10 steps (the article: 10 x 1 s)",
+    )
+    add(
+        "--scaling-slots",
+        type=slot_counts,
+        default=",".join(map(str, DEFAULT_SCALING_SLOTS)),
+        help="worker slots of the scaling curve's points (1-3, or multiples of 3), each side "
+        "up to 3 x its per-pod concurrency",
+    )
+    add(
+        "--scaling-tasks",
+        type=positive_int,
+        default=2000,
+        help="no-op tasks per scaling point",
+    )
+    add(
+        "--no-single-node",
+        dest="single_node",
+        action="store_false",
+        help="skip the 1-node twins (the scaling curve's cluster-size points)",
     )
     add(
         "--failover-tasks",

@@ -66,6 +66,10 @@ def test_bench_runs_on_the_pod_twins_and_writes_results(tmp_path: Path) -> None:
             "0.5",
             "--settle",
             "3",
+            "--scaling-slots",
+            "1",
+            "--scaling-tasks",
+            "20",
             "--timeout",
             "120",
             "--out",
@@ -115,11 +119,32 @@ def test_bench_runs_on_the_pod_twins_and_writes_results(tmp_path: Path) -> None:
     assert failover["published"] == 40 and failover["lost"] == 0, failover
     assert failover["killed_pod"].startswith("rabbitmq-server-")
 
+    # The scaling curve: 1 slot on 3 nodes, the side's most slots on 3 nodes (the drain
+    # phase's 120 tasks) and on 1 node; each point drained every task and counted the
+    # broker's and workers' CPU.
+    for config, most in ((article, 6), (ours, 96)):
+        points = {(p["nodes"], p["slots"]): p for p in config["runs"][0]["scaling"]}
+        assert sorted(points) == [(1, most), (3, 1), (3, most)], sorted(points)
+        for (nodes, slots), point in points.items():
+            assert point["tasks"] == (120 if (nodes, slots) == (3, most) else 20), point
+            assert point["rate"] > 0, point
+            assert point["broker_cpu_s"] > 0 and point["worker_cpu_s"] > 0, point
+        assert [p["slots"] for p in config["scaling"]] == [most, 1, most]
+        assert config["single_node_twin"]["stack"] == "prod"
+        for key in ("publish_broker_cpu_per_1000", "drain_worker_cpu_per_1000"):
+            assert config["summary"][key]["median"] > 0, (key, config["summary"][key])
+    # The sleeping workload's time beyond its ideal, by cause, adds up.
+    sleep = ours["runs"][0]["sleep"]
+    parts = sum(sleep[k] for k in ("ramp_s", "steady_s", "overrun_s", "tail_s"))
+    assert abs(parts - (sleep["drain_s"] - sleep["ideal_s"])) < 1e-6, sleep
+    assert {"publish_goal_met", "sleep_goal_met"} <= results["goals"].keys()
+
     # Nothing left: the bench's own check, and a look at the machine.
     for config in (article, ours):
-        assert config["twin"]["leftovers"] == {}, config["twin"]
-        left = _left_on_the_machine(config["twin"]["run_id"])
-        assert left == {k: [] for k in left}, left
+        for entry in (config["twin"], config["single_node_twin"]):
+            assert entry["leftovers"] == {}, entry
+            left = _left_on_the_machine(entry["run_id"])
+            assert left == {k: [] for k in left}, left
 
     assert (out / "bench.png").read_bytes()[:8] == PNG_MAGIC
     assert "| metric |" in proc.stdout  # the table
