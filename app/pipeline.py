@@ -32,12 +32,8 @@ from typing import Any
 
 from celery import Celery, Task
 
-from app.publish import RETRYABLE_ERRORS, PublishBudgetExceeded, retry_intervals
-from app.settings import (
-    DEFAULT_PUBLISH_RETRY_SECONDS,
-    PUBLISH_CONFIRM_TIMEOUT_SECONDS,
-    sanitize_url,
-)
+from app.publish import RETRYABLE_ERRORS, FailoverRounds, node_count, node_name
+from app.settings import DEFAULT_PUBLISH_RETRY_SECONDS, PUBLISH_CONFIRM_TIMEOUT_SECONDS
 
 logger = logging.getLogger(__name__)
 
@@ -174,10 +170,7 @@ class ConfirmedPipeline:
         # The channel is put in confirm mode here; kombu must not wait per publish.
         options["confirm_publish"] = False
         self.connection = self.app.connection_for_write(transport_options=options)
-        self._nodes = max(1, len(self.connection.alt or ()))
-        self._intervals = retry_intervals()
-        self._failures = 0
-        self._stalled_since: float | None = None
+        self._rounds = FailoverRounds(node_count(self.connection), self.budget, self.clock)
         self._oldest_sent: float | None = None
         self._tag = 0
         try:
@@ -207,10 +200,7 @@ class ConfirmedPipeline:
         return [p.task_id for p in (*self.outstanding.values(), *self.again)]
 
     def node(self) -> str:
-        try:
-            return sanitize_url(self.connection.as_uri())
-        except Exception:
-            return "?"
+        return node_name(self.connection)
 
     def close(self) -> None:
         try:
@@ -292,9 +282,7 @@ class ConfirmedPipeline:
         return taken
 
     def _progress(self) -> None:
-        self._stalled_since = None
-        self._failures = 0
-        self._intervals = retry_intervals()
+        self._rounds.reset()
 
     def _recover(self, exc: BaseException, also: Sequence[_Publish] = ()) -> None:
         """The connection failed or a confirm was late: everything unconfirmed goes
@@ -304,15 +292,8 @@ class ConfirmedPipeline:
         self.outstanding.clear()
         self._oldest_sent = None
         while True:
-            now = self.clock()
-            if self._stalled_since is None:
-                self._stalled_since = now
-            elapsed = now - self._stalled_since
-            if elapsed >= self.budget:
-                first = self.again[0].task_id if self.again else "?"
-                raise PublishBudgetExceeded(first, self.budget, elapsed, self._failures + 1, exc)
-            self._failures += 1
-            wait = next(self._intervals) if self._failures % self._nodes == 0 else 0.0
+            first = self.again[0].task_id if self.again else "?"
+            wait, elapsed = self._rounds.after_failure(first, exc)
             failed_node = self.node()
             try:
                 self.connection.maybe_switch_next()  # closes the failed connection too
@@ -329,7 +310,7 @@ class ConfirmedPipeline:
                 elapsed,
                 self.budget,
             )
-            self.sleep(min(wait, max(0.0, self.budget - elapsed)))
+            self.sleep(wait)
             self.reconnects += 1
             try:
                 self._open()

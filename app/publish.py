@@ -91,18 +91,53 @@ def retry_intervals(
         value += step
 
 
-def _node(producer: Any) -> str:
+def node_name(connection: Any) -> str:
+    """The node a kombu connection is on (or will try next), password masked."""
     try:
-        return sanitize_url(producer.connection.as_uri())
+        return sanitize_url(connection.as_uri())
     except Exception:  # a broken connection object must not hide the real error
         return "?"
 
 
-def _node_count(producer: Any) -> int:
+def node_count(connection: Any) -> int:
+    """Nodes in a kombu connection's failover list."""
     try:
-        return max(1, len(producer.connection.alt or ()))
+        return max(1, len(connection.alt or ()))
     except Exception:
         return 1
+
+
+class FailoverRounds:
+    """When to try again after a failed publish: every node of the failover list in turn
+    without waiting, a pause of :func:`retry_intervals` after each full round, for
+    ``budget`` seconds from the first failure. One per publisher; :meth:`reset` once a
+    publish went through."""
+
+    def __init__(
+        self, nodes: int, budget: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.nodes = max(1, nodes)
+        self.budget = budget
+        self.clock = clock
+        self.reset()
+
+    def reset(self) -> None:
+        self.started: float | None = None
+        self.failures = 0
+        self._intervals = retry_intervals()
+
+    def after_failure(self, task_id: str, error: BaseException) -> tuple[float, float]:
+        """(seconds to wait before the next attempt, seconds retried so far); raises
+        :class:`PublishBudgetExceeded` once the budget is spent."""
+        now = self.clock()
+        if self.started is None:
+            self.started = now
+        elapsed = now - self.started
+        self.failures += 1
+        if elapsed >= self.budget:
+            raise PublishBudgetExceeded(task_id, self.budget, elapsed, self.failures, error)
+        wait = next(self._intervals) if self.failures % self.nodes == 0 else 0.0
+        return min(wait, self.budget - elapsed), elapsed
 
 
 def publish_with_budget(
@@ -125,50 +160,42 @@ def publish_with_budget(
     attempt is logged: the node, the error, how long it has been retrying, the next
     node and when.
     """
-    started: float | None = None
-    intervals = retry_intervals()
-    nodes = _node_count(producer) if producer is not None else 1
-    attempts = 0
+    connection = getattr(producer, "connection", None)
+    rounds = FailoverRounds(node_count(connection) if producer is not None else 1, budget, clock)
     while True:
-        node = _node(producer) if producer is not None else "?"
-        attempts += 1
+        node = node_name(connection)
         try:
             result = send()
         except RETRYABLE_ERRORS as exc:
-            now = clock()
-            if started is None:
-                started = now
-            elapsed = now - started
-            if elapsed >= budget:
-                error = PublishBudgetExceeded(task_id, budget, elapsed, attempts, exc)
+            try:
+                wait, elapsed = rounds.after_failure(task_id, exc)
+            except PublishBudgetExceeded as error:
                 logger.error("%s; giving up", error)
                 raise error from exc
-            # Every node in turn without waiting; a pause after each full round.
-            wait = next(intervals) if attempts % nodes == 0 else 0.0
-            wait = min(wait, budget - elapsed)
             if producer is not None:
                 _next_node(producer)
+                connection = producer.connection
             logger.warning(
                 "publish of %s: attempt %d via %s failed: %r; retrying for %.1f s of "
                 "the %g s budget; next attempt in %.1f s via %s",
                 task_id,
-                attempts,
+                rounds.failures,
                 node,
                 exc,
                 elapsed,
                 budget,
                 wait,
-                _node(producer) if producer is not None else "?",
+                node_name(connection),
             )
             sleep(wait)
             continue
-        if started is not None:
+        if rounds.started is not None:
             logger.warning(
                 "publish of %s confirmed via %s after %.1f s of retrying (%d attempts)",
                 task_id,
                 node,
-                clock() - started,
-                attempts,
+                clock() - rounds.started,
+                rounds.failures + 1,
             )
         return result
 

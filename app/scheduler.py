@@ -59,7 +59,7 @@ def _report_unconfirmed(unconfirmed: list[str], unconfirmed_file: str | None) ->
         click.echo(f"unconfirmed {task_id}", err=True)
 
 
-def _pace(started: float, i: int, rate: float) -> None:
+def pace(started: float, i: int, rate: float) -> None:
     """Publish at most ``rate`` a second, paced against the start time, so that slow
     publishes are caught up."""
     if rate > 0:
@@ -204,7 +204,7 @@ def main(
     try:
         with app.producer_or_acquire() as producer, _progress(task_ids, progress) as bar:
             for i, task_id in enumerate(bar):
-                _pace(started, i, rate)
+                pace(started, i, rate)
                 try:
                     count.apply_async(
                         kwargs={"step_seconds": task_seconds},
@@ -284,7 +284,7 @@ def _publish_pipelined(
         )
         with _progress(task_ids, progress) as bar:
             for i, task_id in enumerate(bar):
-                _pace(started, i, rate)
+                pace(started, i, rate)
                 submitted += 1  # attempted, from here on: confirmed or listed
                 pipeline.submit(task, task_id, kwargs={"step_seconds": task_seconds})
         pipeline.flush()

@@ -30,7 +30,9 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+from app.scheduler import pace
 
 MAX_CONSECUTIVE_FAILURES = 50
 
@@ -65,8 +67,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--result-file", type=Path, required=True)
     args = parser.parse_args(argv)
 
-    from app.publish import PublishBudgetExceeded
-
     count = _task(args.config)
     app = count.app
     if args.confirms != "as-configured":  # before the first connection is made
@@ -74,49 +74,104 @@ def main(argv: list[str] | None = None) -> int:
         options["confirm_publish"] = args.confirms == "on"
         app.conf.broker_transport_options = options
     confirms = bool((app.conf.broker_transport_options or {}).get("confirm_publish", False))
-    published = failed = consecutive = 0
-    errors: list[str] = []
-    first = last = None
+    if args.window > 1 and not confirms:
+        parser.error("--window > 1 needs publisher confirms")
+    tally = _Tally()
+    with args.ids_file.open("a", encoding="utf-8") as ids:
+        if args.window > 1:
+            extra = _pipelined(args, count, tally, ids)
+        else:
+            extra = _one_at_a_time(args, count, tally, ids)
+    result = {
+        "config": args.config,
+        "confirm_publish": confirms,
+        "window": args.window,
+        "requested": args.tasks,
+        **tally.summary(),
+        **extra,
+    }
+    args.result_file.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "errors"}), flush=True)
+    return 0
+
+
+class _Tally:
+    """What a publish loop counts: ids published (written as they are), failures, the
+    wall-clock first/last publish (to line up with the ledger) and the loop's own CPU."""
+
+    def __init__(self) -> None:
+        self.published = self.failed = 0
+        self.errors: list[str] = []
+        self.first: float | None = None
+        self.last: float | None = None
+        self.started = self.ended = 0.0
+        self._cpu_started = self.cpu_s = 0.0
+
+    def start(self) -> None:
+        self.started, self._cpu_started = time.time(), time.process_time()
+
+    def stop(self) -> None:
+        self.ended, self.cpu_s = time.time(), time.process_time() - self._cpu_started
+
+    def done(self, task_id: str, ids: IO[str]) -> None:
+        self.published += 1
+        now = time.time()
+        self.first = now if self.first is None else self.first
+        self.last = now
+        ids.write(task_id + "\n")
+
+    def error(self, task_id: str, exc: BaseException) -> None:
+        self.failed += 1
+        if len(self.errors) < 5:
+            self.errors.append(f"{task_id}: {exc!r}")
+
+    def summary(self) -> dict[str, Any]:
+        elapsed = self.ended - self.started
+        return {
+            "published": self.published,
+            "failed": self.failed,
+            "errors": self.errors,
+            "started": self.started,
+            "first": self.first,
+            "last": self.last,
+            "ended": self.ended,
+            "elapsed_s": elapsed,
+            "cpu_s": self.cpu_s,  # this process's own CPU time in the loop: the publisher's cost
+            "rate": self.published / elapsed if elapsed > 0 else None,
+        }
+
+
+def _one_at_a_time(args: argparse.Namespace, count: Any, tally: _Tally, ids: IO[str]) -> dict:
+    """``apply_async`` per task (ours: :class:`app.publish.BudgetedTask`, a confirm each)."""
+    from app.publish import PublishBudgetExceeded
+
+    consecutive = 0
     close_error: str | None = None
-    t0 = time.monotonic()
-    if args.window > 1:
-        if not confirms:
-            parser.error("--window > 1 needs publisher confirms")
-        return _pipelined(args, count)
-    with args.ids_file.open("a", encoding="utf-8") as ids, app.producer_or_acquire() as producer:
+    with count.app.producer_or_acquire() as producer:
         # Connect (and declare) before the clock starts: the rate is the loop's.
         producer.connection.ensure_connection(max_retries=3)
-        started, cpu_started = time.time(), time.process_time()
+        tally.start()
+        t0 = time.monotonic()
         for i in range(args.tasks):
-            if args.rate > 0:
-                ahead = t0 + i / args.rate - time.monotonic()
-                if ahead > 0:
-                    time.sleep(ahead)
+            pace(t0, i, args.rate)
             task_id = str(uuid.uuid4())
             try:
                 count.apply_async(
                     kwargs={"step_seconds": args.task_seconds}, task_id=task_id, producer=producer
                 )
             except PublishBudgetExceeded as exc:  # ours: no node for the whole budget
-                failed += 1
-                errors.append(f"{task_id}: {exc!r}")
+                tally.error(task_id, exc)
                 break
             except Exception as exc:  # count it and go on, as a real scheduler would
-                failed += 1
+                tally.error(task_id, exc)
                 consecutive += 1
-                if len(errors) < 5:
-                    errors.append(f"{task_id}: {exc!r}")
                 if consecutive >= MAX_CONSECUTIVE_FAILURES:
                     break
                 continue
             consecutive = 0
-            published += 1
-            now = time.time()
-            first = now if first is None else first
-            last = now
-            ids.write(task_id + "\n")
+            tally.done(task_id, ids)
             ids.flush()
-        ended, cpu_s = time.time(), time.process_time() - cpu_started
+        tally.stop()
         # Close with AMQP's handshake: RabbitMQ answers close-ok only once it has
         # processed every frame sent before, so no publish (an unconfirmed one
         # included) is left in this process's socket buffer when it exits and the
@@ -126,91 +181,37 @@ def main(argv: list[str] | None = None) -> int:
             producer.connection.close()
         except Exception as exc:  # a connection the broker already dropped: recorded
             close_error = repr(exc)
-    elapsed = ended - started
-    result = {
-        "config": args.config,
-        "confirm_publish": confirms,
-        "requested": args.tasks,
-        "published": published,
-        "failed": failed,
-        "errors": errors,
-        "started": started,
-        "first": first,
-        "last": last,
-        "ended": ended,
-        "elapsed_s": elapsed,
-        "cpu_s": cpu_s,  # this process's own CPU time in the loop (the publisher's cost)
-        "rate": published / elapsed if elapsed > 0 else None,
-        "close_error": close_error,
-    }
-    args.result_file.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k != "errors"}), flush=True)
-    return 0
+    return {"close_error": close_error}
 
 
-def _pipelined(args: argparse.Namespace, count: Any) -> int:
-    """``--window`` > 1: the same loop through :class:`app.pipeline.ConfirmedPipeline`; an
-    id is written once its confirm arrived, ``published`` counts confirms."""
+def _pipelined(args: argparse.Namespace, count: Any, tally: _Tally, ids: IO[str]) -> dict:
+    """``--window`` > 1: :class:`app.pipeline.ConfirmedPipeline`; an id is written (and
+    counted published) once its confirm arrived."""
     from app.pipeline import ConfirmedPipeline
     from app.publish import PublishBudgetExceeded
     from app.settings import WorkerSettings
 
-    confirmed = 0
-    errors: list[str] = []
-    first = last = None
+    budget = WorkerSettings.from_env().publish_retry_seconds
+    pipeline = ConfirmedPipeline(
+        count.app,
+        window=args.window,
+        budget=budget,
+        on_confirm=lambda task_id: tally.done(task_id, ids),
+    )
+    tally.start()
     t0 = time.monotonic()
-    with args.ids_file.open("a", encoding="utf-8") as ids:
-
-        def on_confirm(task_id: str) -> None:
-            nonlocal confirmed, first, last
-            confirmed += 1
-            now = time.time()
-            first = now if first is None else first
-            last = now
-            ids.write(task_id + "\n")
-
-        budget = WorkerSettings.from_env().publish_retry_seconds
-        pipeline = ConfirmedPipeline(
-            count.app, window=args.window, budget=budget, on_confirm=on_confirm
-        )
-        started, cpu_started = time.time(), time.process_time()
-        try:
-            for i in range(args.tasks):
-                if args.rate > 0:
-                    ahead = t0 + i / args.rate - time.monotonic()
-                    if ahead > 0:
-                        time.sleep(ahead)
-                pipeline.submit(
-                    count, str(uuid.uuid4()), kwargs={"step_seconds": args.task_seconds}
-                )
-            pipeline.flush()
-        except PublishBudgetExceeded as exc:
-            errors.append(repr(exc))
-        ended, cpu_s = time.time(), time.process_time() - cpu_started
-        # Closed with AMQP's handshake (see the loop above): nothing left in the socket.
-        pipeline.close()
-    elapsed = ended - started
-    result = {
-        "config": args.config,
-        "confirm_publish": True,
-        "window": args.window,
-        "requested": args.tasks,
-        "published": confirmed,
-        "failed": args.tasks - confirmed,
-        "errors": errors,
-        "republished": pipeline.republished,
-        "started": started,
-        "first": first,
-        "last": last,
-        "ended": ended,
-        "elapsed_s": elapsed,
-        "cpu_s": cpu_s,
-        "rate": confirmed / elapsed if elapsed > 0 else None,
-        "close_error": None,
-    }
-    args.result_file.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k != "errors"}), flush=True)
-    return 0
+    try:
+        for i in range(args.tasks):
+            pace(t0, i, args.rate)
+            pipeline.submit(count, str(uuid.uuid4()), kwargs={"step_seconds": args.task_seconds})
+        pipeline.flush()
+    except PublishBudgetExceeded as exc:
+        tally.error(exc.task_id, exc)
+    tally.stop()
+    tally.failed = args.tasks - tally.published
+    # Closed with AMQP's handshake (see _one_at_a_time): nothing left in the socket.
+    pipeline.close()
+    return {"republished": pipeline.republished, "close_error": None}
 
 
 if __name__ == "__main__":
