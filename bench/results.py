@@ -516,6 +516,8 @@ def _plot_scaling(ax: Any, configs: dict[str, Any]) -> None:
             )
     if ax.has_data():
         ax.set_xscale("log", base=2)
+        slots = sorted({p["slots"] for k in CONFIG_KEYS for p in configs[k]["scaling"]})
+        ax.set_xticks(slots, [str(n) for n in slots])  # the measured points, not 2^n
         ax.legend(fontsize="small", loc="lower right")
     else:
         ax.text(0.5, 0.5, "n/a", ha="center", transform=ax.transAxes)
