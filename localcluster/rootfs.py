@@ -1,11 +1,14 @@
 """Debian root filesystems the local cluster runs RabbitMQ from (the "pod twin", issue #11).
 
-Two roots, each declared once in :data:`ROOTS`:
+Two RabbitMQ roots, each declared once in :data:`ROOTS`:
 
 * ``rabbitmq-4.3``  Debian sid, rabbitmq-server 4.3.6 on Erlang 29.1.2: what ships
   (image ``rabbitmq:4.3.6-management``);
 * ``rabbitmq-3.10`` Debian bookworm, rabbitmq-server 3.10.8: the article's side of
-  ``make bench`` (classic mirroring no longer exists in 4.x).
+  ``make bench`` (classic mirroring no longer exists in 4.x);
+
+and one for tools (:data:`PROMETHEUS`, Debian bookworm's prometheus 2.42.0: the
+``promtool`` the alert rules are tested with), built the same way.
 
 Each is built once with ``debootstrap --variant=minbase`` plus an explicit
 ``apt-get install rabbitmq-server=<pinned> erlang-base=<pinned>`` and cached
@@ -52,11 +55,13 @@ from types import FrameType
 from typing import Any
 
 __all__ = [
+    "ALL_ROOTS",
     "CACHE_ENV",
     "DEFAULT_CACHE_DIR",
     "MARKER",
     "MIRROR",
     "MIRROR_ENV",
+    "PROMETHEUS",
     "RABBITMQ_3_10",
     "RABBITMQ_4_3",
     "ROOTS",
@@ -122,6 +127,10 @@ class RootSpec:
     suite: str
     #: (package, exact Debian version) pairs, installed as ``package=version``.
     packages: tuple[tuple[str, str], ...]
+    #: What the root is for: its version names the root's folder.
+    main_package: str = "rabbitmq-server"
+    #: A file a complete root has (relative to the root).
+    check_file: str = SERVER
 
     @property
     def pins(self) -> dict[str, str]:
@@ -129,8 +138,8 @@ class RootSpec:
 
     @property
     def version(self) -> str:
-        """The pinned rabbitmq-server version (Debian), e.g. ``"4.3.6-1"``."""
-        return self.pins["rabbitmq-server"]
+        """The pinned main package's version (Debian), e.g. ``"4.3.6-1"``."""
+        return self.pins[self.main_package]
 
     @property
     def upstream_version(self) -> str:
@@ -143,7 +152,7 @@ class RootSpec:
         return f"{self.name}_{self.version}"
 
     def describe(self) -> str:
-        return f"{self.name} (Debian {self.suite}, rabbitmq-server {self.version})"
+        return f"{self.name} (Debian {self.suite}, {self.main_package} {self.version})"
 
 
 RABBITMQ_4_3 = RootSpec(
@@ -160,11 +169,33 @@ RABBITMQ_3_10 = RootSpec(
     ),
 )
 ROOTS: tuple[RootSpec, ...] = (RABBITMQ_4_3, RABBITMQ_3_10)
+#: Prometheus and promtool (Debian's prometheus package), pinned like RabbitMQ: the
+#: alert rules are tested with this promtool (tests/unit/test_alert_rules.py).
+PROMETHEUS = RootSpec(
+    name="prometheus",
+    suite="bookworm",
+    packages=(("prometheus", "2.42.0+ds-5+deb12u1"),),
+    main_package="prometheus",
+    check_file="usr/bin/promtool",
+)
+#: Every root make setup builds: RabbitMQ's, then the tools'.
+ALL_ROOTS: tuple[RootSpec, ...] = (*ROOTS, PROMETHEUS)
 
 
 def roots() -> dict[str, RootSpec]:
     """Every root by name."""
-    return {spec.name: spec for spec in ROOTS}
+    return {spec.name: spec for spec in ALL_ROOTS}
+
+
+def promtool() -> Path:
+    """Prometheus's promtool, from its root (``make setup`` builds it)."""
+    reason = problem(PROMETHEUS)
+    if reason is not None:
+        raise RootfsError(
+            f"promtool comes from the root {PROMETHEUS.describe()} at "
+            f"{root_path(PROMETHEUS)}: {reason}. Build it: {ROOT_COMMANDS}"
+        )
+    return root_path(PROMETHEUS) / PROMETHEUS.check_file
 
 
 def for_version(version: str) -> RootSpec:
@@ -299,8 +330,8 @@ def problem(spec: RootSpec, cache: Path | None = None) -> str | None:
         return f"built for other pins {marker.get('pinned')}, expected {spec.pins}"
     if marker.get("installed") != spec.pins:
         return f"installed versions {marker.get('installed')} differ from the pins {spec.pins}"
-    if not (path / SERVER).exists():
-        return f"no /{SERVER} in the root"
+    if not (path / spec.check_file).exists():
+        return f"no /{spec.check_file} in the root"
     return None
 
 
@@ -583,7 +614,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cache = cache_dir()
     status = 0
-    for spec in ROOTS:
+    for spec in ALL_ROOTS:
         if args.check:
             reason = problem(spec, cache)
             if reason is not None:

@@ -12,9 +12,10 @@ Three virtualenvs, because their locked dependencies conflict:
 * ``.venv-scan``    the checkov security scan (requirements-scan.txt: checkov pins
   packaging < 24, pulumi needs >= 26).
 
-And, unless ``--no-rabbitmq``, the two Debian root filesystems the local cluster
-runs RabbitMQ from (``localcluster/rootfs.py``: built once with debootstrap as
-root, cached outside the work tree; a few minutes the first time).
+And, unless ``--no-rabbitmq``, the Debian root filesystems the local cluster runs
+RabbitMQ from, and the one promtool (the alert rules' tests) comes from
+(``localcluster/rootfs.py``: built once with debootstrap as root, cached outside the
+work tree; a few minutes the first time).
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ def ensure_debootstrap() -> None:
 
 def ensure_rootfs() -> None:
     """The Debian roots RabbitMQ runs from: checked quickly, built (as root) when missing."""
-    missing = [spec for spec in rootfs.ROOTS if rootfs.problem(spec) is not None]
+    missing = [spec for spec in rootfs.ALL_ROOTS if rootfs.problem(spec) is not None]
     if not missing:
         return
     if os.geteuid() != 0:

@@ -101,7 +101,7 @@ def test_as_root_debootstrap_is_installed_then_the_missing_roots_built(
     monkeypatch.setattr(bootstrap.rootfs, "ensure_root", lambda spec: built.append(spec.name))
     bootstrap.ensure_rootfs()
     assert calls[-1][:2] == ("apt-get", "install") and "debootstrap" in calls[-1]
-    assert built == ["rabbitmq-4.3", "rabbitmq-3.10"]
+    assert built == ["rabbitmq-4.3", "rabbitmq-3.10", "prometheus"]
 
 
 def test_a_failed_root_build_exits_with_its_message(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -107,9 +107,13 @@ class FakeSystem(rootfs.System):
             for pinned in (word for word in command if "=" in word):
                 package, version = pinned.split("=", 1)
                 self.installed[package] = self.installs.get(package, version)
-            server = target / rootfs.SERVER
-            server.parent.mkdir(parents=True, exist_ok=True)
-            server.write_text("#!/bin/sh\n")
+            # What the installed packages put in place: RabbitMQ's server, promtool.
+            shipped = {"rabbitmq-server": rootfs.SERVER, "prometheus": "usr/bin/promtool"}
+            for package in self.installed:
+                path = target / shipped[package] if package in shipped else None
+                if path is not None:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text("#!/bin/sh\n")
             return ""
         if command[0] == "dpkg-query":
             return self.installed[command[-1]]
@@ -137,7 +141,12 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_each_root_is_declared_once_with_exact_pins() -> None:
     assert rootfs.ROOTS == (RABBITMQ_4_3, RABBITMQ_3_10)
-    assert rootfs.roots() == {"rabbitmq-4.3": RABBITMQ_4_3, "rabbitmq-3.10": RABBITMQ_3_10}
+    assert rootfs.roots() == {
+        "rabbitmq-4.3": RABBITMQ_4_3,
+        "rabbitmq-3.10": RABBITMQ_3_10,
+        "prometheus": rootfs.PROMETHEUS,
+    }
+    assert (*rootfs.ROOTS, rootfs.PROMETHEUS) == rootfs.ALL_ROOTS
     assert (RABBITMQ_4_3.suite, RABBITMQ_4_3.pins) == (
         "sid",
         {"rabbitmq-server": "4.3.6-1", "erlang-base": "1:29.1.2+dfsg-1"},
@@ -403,9 +412,18 @@ def test_check_reports_missing_roots_with_the_command(
     assert rootfs.main(["--check"]) == 1
     err = capsys.readouterr().err
     assert "rabbitmq-4.3" in err and "not built" in err and "make setup" in err
-    for spec in rootfs.ROOTS:
+    for spec in rootfs.ALL_ROOTS:
         rootfs.ensure_root(spec, system=FakeSystem(offered=offering(spec)))
     capsys.readouterr()
     assert rootfs.main(["--check"]) == 0
     out = capsys.readouterr().out
     assert "rabbitmq-server 4.3.6-1" in out and "rabbitmq-server 3.10.8-1.1+deb12u1" in out
+    assert "prometheus 2.42.0+ds-5+deb12u1" in out
+
+
+def test_promtool_comes_from_its_built_root_or_says_how_to_build_it(cache: Path) -> None:
+    with pytest.raises(RootfsError, match=r"promtool comes from the root prometheus .*not built"):
+        rootfs.promtool()
+    rootfs.ensure_root(rootfs.PROMETHEUS, system=FakeSystem(offered=offering(rootfs.PROMETHEUS)))
+    path = rootfs.promtool()
+    assert path == rootfs.root_path(rootfs.PROMETHEUS) / "usr/bin/promtool" and path.exists()
