@@ -4,7 +4,8 @@ import pulumi
 
 from components import config as stack_config
 from components.gke import GkeCluster, GkeClusterArgs, existing_cluster_provider
-from components.rabbitmq import RabbitmqCluster, RabbitmqClusterArgs
+from components.monitoring import Monitoring, MonitoringArgs
+from components.rabbitmq import VHOST, RabbitmqCluster, RabbitmqClusterArgs
 from components.worker_image import worker_image
 from components.workers import CeleryWorkers, CeleryWorkersArgs
 
@@ -29,6 +30,13 @@ workers = CeleryWorkers(
     worker_image(config),
     broker=rabbitmq.server,
 )
+if config.monitoring.managed_prometheus:
+    Monitoring(
+        "monitoring",
+        MonitoringArgs.from_stack(config, VHOST),
+        provider,
+        pulumi.ResourceOptions(depends_on=[rabbitmq.namespace_object]),
+    )
 
 pulumi.export("broker_urls", rabbitmq.broker_urls)
 pulumi.export("rabbitmq_namespace", rabbitmq.namespace)

@@ -282,6 +282,22 @@ class WorkersConfig:
 
 
 @dataclass(frozen=True)
+class MonitoringConfig:
+    """GKE Managed Prometheus: what it scrapes, when alerts fire (components/monitoring.py)."""
+
+    #: PodMonitoring and Rules objects, and managed collection on the GKE cluster.
+    managed_prometheus: bool = True
+    scrape_interval_seconds: int = 30
+    #: A RabbitMQ pod missing (or cut off from its peers) this long pages. A pod
+    #: replaced by its StatefulSet is back in ~1 min: longer than that is not a restart.
+    node_down_seconds: int = 120
+    #: The backlog grew for this long: workers fall behind.
+    backlog_window_seconds: int = 900
+    #: A task queued now would wait longer than this at the current completion rate.
+    backlog_wait_seconds: int = 600
+
+
+@dataclass(frozen=True)
 class StackConfig:
     stack: str
     target: Target = "gke"
@@ -291,6 +307,7 @@ class StackConfig:
     kubernetes: KubernetesConfig = field(default_factory=KubernetesConfig)
     rabbitmq: RabbitmqConfig = field(default_factory=RabbitmqConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
 
     @property
     def production(self) -> bool:
@@ -312,6 +329,7 @@ _TOP_LEVEL = {
     "kubernetes": "kubernetes",
     "rabbitmq": "rabbitmq",
     "workers": "workers",
+    "monitoring": "monitoring",
 }
 
 
@@ -538,9 +556,36 @@ def _check_rabbitmq_memory(rmq: RabbitmqConfig, production: bool) -> None:
         )
 
 
+#: Each monitoring setting: (least, most) seconds allowed.
+MONITORING_SECONDS = {
+    "scrape_interval_seconds": (5, 300),
+    "node_down_seconds": (0, 3600),
+    "backlog_window_seconds": (120, 86_400),
+    "backlog_wait_seconds": (10, 86_400),
+}
+
+
+def _check_monitoring(monitoring: MonitoringConfig) -> None:
+    for name, (least, most) in MONITORING_SECONDS.items():
+        value = getattr(monitoring, name)
+        if not least <= value <= most:
+            raise ConfigError(
+                _key(f"monitoring.{_camel(name)}"), value, f"an integer from {least} to {most}"
+            )
+    # The queue metrics are scraped every other interval; a trend needs two samples.
+    if monitoring.backlog_window_seconds < 4 * monitoring.scrape_interval_seconds:
+        raise ConfigError(
+            _key("monitoring.backlogWindowSeconds"),
+            monitoring.backlog_window_seconds,
+            "at least 4 x monitoring.scrapeIntervalSeconds "
+            f"({4 * monitoring.scrape_interval_seconds}): two samples of the queue metrics",
+        )
+
+
 def validate(config: StackConfig) -> None:
     """Reject values that are malformed or dangerous for this stack's environment."""
     gke, rmq, workers = config.gke, config.rabbitmq, config.workers
+    _check_monitoring(config.monitoring)
 
     if config.target == "gke":
         if not config.gcp_project:

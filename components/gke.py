@@ -47,6 +47,8 @@ class GkeClusterArgs:
     gke: GkeConfig
     # Pulumi `protect` on the cluster and its node pool.
     protect: bool
+    # GKE Managed Prometheus collection (monitoring.managedPrometheus).
+    managed_prometheus: bool = True
 
     @classmethod
     def from_stack(cls, config: StackConfig) -> GkeClusterArgs:
@@ -55,6 +57,7 @@ class GkeClusterArgs:
             stack=config.stack,
             gke=config.gke,
             protect=config.protect,
+            managed_prometheus=config.monitoring.managed_prometheus,
         )
 
 
@@ -192,6 +195,14 @@ def cluster(
         enable_shielded_nodes=True,
         # Dataplane V2 enforces the NetworkPolicies the RabbitMQ component ships.
         datapath_provider="ADVANCED_DATAPATH",
+        # Managed collection scrapes what components/monitoring.py's PodMonitorings
+        # select and evaluates its Rules; system components' metrics come with it.
+        monitoring_config=gcp.container.ClusterMonitoringConfigArgs(
+            enable_components=["SYSTEM_COMPONENTS"],
+            managed_prometheus=gcp.container.ClusterMonitoringConfigManagedPrometheusArgs(
+                enabled=args.managed_prometheus
+            ),
+        ),
         addons_config=gcp.container.ClusterAddonsConfigArgs(
             gce_persistent_disk_csi_driver_config=gcp.container.ClusterAddonsConfigGcePersistentDiskCsiDriverConfigArgs(
                 enabled=True

@@ -82,3 +82,31 @@ def register(
     cls = _KINDS[(manifest["apiVersion"], manifest["kind"])]
     args = {snake(k): v for k, v in manifest.items() if k not in ("apiVersion", "kind")}
     return cls(name, opts=opts, **args)
+
+
+#: The CustomResourceDefinitions' kinds the program registers (not in Kubernetes' own
+#: schema: tests/unit/test_monitoring.py checks them field by field).
+CUSTOM_KINDS = frozenset(
+    {("monitoring.googleapis.com/v1", "PodMonitoring"), ("monitoring.googleapis.com/v1", "Rules")}
+)
+
+
+def is_custom(manifest: Mapping[str, Any]) -> bool:
+    return (manifest["apiVersion"], manifest["kind"]) in CUSTOM_KINDS
+
+
+def register_custom(
+    name: str, manifest: Mapping[str, Any], opts: pulumi.ResourceOptions
+) -> pulumi.CustomResource:
+    """Register an object of a CustomResourceDefinition's kind (no typed class exists)."""
+    if not is_custom(manifest):
+        raise ValueError(f"{manifest['apiVersion']} {manifest['kind']} is not in CUSTOM_KINDS")
+    rest = {k: v for k, v in manifest.items() if k not in ("apiVersion", "kind", "metadata")}
+    return k8s.apiextensions.CustomResource(
+        name,
+        api_version=manifest["apiVersion"],
+        kind=manifest["kind"],
+        metadata=manifest["metadata"],
+        opts=opts,
+        **rest,
+    )

@@ -838,6 +838,7 @@ class RabbitmqCluster(pulumi.ComponentResource):
     """The RabbitMQ StatefulSet and everything it needs, in its own namespace."""
 
     namespace: str
+    namespace_object: pulumi.CustomResource
     broker_urls: pulumi.Output[list[str]]
     server: pulumi.CustomResource
     username: pulumi.Output[str]
@@ -868,6 +869,7 @@ class RabbitmqCluster(pulumi.ComponentResource):
 
         child = pulumi.ResourceOptions(parent=self, provider=provider)
         ns = register(f"{name}-namespace", namespace(args), child)
+        self.namespace_object = ns  # what objects placed in this namespace depend on
         in_ns = pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(depends_on=[ns]))
 
         dependencies: list[pulumi.Resource] = []

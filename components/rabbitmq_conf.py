@@ -436,12 +436,17 @@ def _pcre_escape(text: str) -> str:
     return re.sub(r"([\\.^$|?*+()\[\]{}])", r"\\\1", text)
 
 
+#: Where a task that keeps crashing its worker ends up (the monitoring alerts on it).
+DEAD_LETTER_EXCHANGE = "dlx"
+DEAD_LETTER_QUEUE = "dead-letter"
+
+
 def definitions_json(
     vhost: str,
     *,
     delivery_limit: int,
-    dead_letter_exchange: str = "dlx",
-    dead_letter_queue: str = "dead-letter",
+    dead_letter_exchange: str = DEAD_LETTER_EXCHANGE,
+    dead_letter_queue: str = DEAD_LETTER_QUEUE,
     username: str | None = None,
     password: str | None = None,
     version: str | None = None,

@@ -16,6 +16,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 
+from components import kube
 from components.config import SUPPORTED_KUBERNETES_VERSIONS, load_stack_config
 from tools.mockrun import ProgramRun, reveal, run_program, stack_config, stack_names
 
@@ -44,6 +45,7 @@ def _objects(stack: str) -> list[tuple[str, dict[str, Any]]]:
     return [
         (f"{m['kind']}/{m['metadata'].get('name', r.name)}", reveal(m))
         for r, m in _run(stack).kubernetes_objects()
+        if not kube.is_custom(m)
     ]
 
 
@@ -67,6 +69,9 @@ def test_every_registered_object_is_valid_for_the_stacks_kubernetes_version(stac
     version = _version(stack)
     for _, manifest in objects:
         _validate(manifest, version)
+    # What is left out is the monitoring objects and nothing else.
+    custom = {m["kind"] for _, m in _run(stack).kubernetes_objects() if kube.is_custom(m)}
+    assert custom <= {"PodMonitoring", "Rules"}, custom
 
 
 @pytest.mark.parametrize("version", SUPPORTED_KUBERNETES_VERSIONS)
