@@ -161,7 +161,7 @@ def publish_with_budget(
     node and when.
     """
     connection = getattr(producer, "connection", None)
-    rounds = FailoverRounds(node_count(connection) if producer is not None else 1, budget, clock)
+    rounds = FailoverRounds(node_count(connection), budget, clock)  # no producer: 1 node
     while True:
         node = node_name(connection)
         try:

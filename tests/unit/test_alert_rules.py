@@ -54,6 +54,24 @@ def firing(alert: str, value: str | None = None, **labels: str) -> dict[str, Any
     return {"exp_labels": {"severity": spec.severity, **labels}, "exp_annotations": annotations}
 
 
+def rule_file(tmp: Path) -> Path:
+    """The groups the Rules object carries, as a Prometheus rule file."""
+    rules = tmp / "rules.yaml"
+    rules.write_text(yaml.safe_dump({"groups": monitoring.rule_groups(ARGS)}, sort_keys=False))
+    return rules
+
+
+def promtool(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(rootfs.promtool()), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 def check(
     alert: str,
     name: str,
@@ -62,8 +80,7 @@ def check(
     tmp: Path,
 ) -> None:
     """Run one promtool test: ``expect`` is [(eval_time, the alerts firing then)]."""
-    rules = tmp / "rules.yaml"
-    rules.write_text(yaml.safe_dump({"groups": monitoring.rule_groups(ARGS)}, sort_keys=False))
+    rules = rule_file(tmp)
     test = {
         "rule_files": [rules.name],
         "evaluation_interval": INTERVAL,
@@ -81,27 +98,12 @@ def check(
     }
     path = tmp / "test.yaml"
     path.write_text(yaml.safe_dump(test, sort_keys=False))
-    done = subprocess.run(
-        [str(rootfs.promtool()), "test", "rules", str(path)],
-        cwd=tmp,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = promtool("test", "rules", str(path), cwd=tmp)
     assert done.returncode == 0, f"promtool test rules {name}:\n{done.stdout}\n{done.stderr}"
 
 
 def test_the_rule_file_is_valid_for_prometheus(tmp_path: Path) -> None:
-    rules = tmp_path / "rules.yaml"
-    rules.write_text(yaml.safe_dump({"groups": monitoring.rule_groups(ARGS)}, sort_keys=False))
-    done = subprocess.run(
-        [str(rootfs.promtool()), "check", "rules", str(rules)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = promtool("check", "rules", str(rule_file(tmp_path)), cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"SUCCESS: {len(ALERTS) + len(monitoring.recording_rules(ARGS))} rules found" in (
         done.stdout
