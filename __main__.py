@@ -3,6 +3,7 @@
 import pulumi
 
 from components import config as stack_config
+from components.autoscaling import AutoscalingArgs, WorkerAutoscaling
 from components.gke import GkeCluster, GkeClusterArgs, existing_cluster_provider
 from components.monitoring import Monitoring, MonitoringArgs
 from components.rabbitmq import VHOST, RabbitmqCluster, RabbitmqClusterArgs
@@ -30,6 +31,15 @@ workers = CeleryWorkers(
     worker_image(config),
     broker=rabbitmq.server,
 )
+if config.autoscaled:
+    assert rabbitmq.monitor_password is not None  # created with autoscaling
+    WorkerAutoscaling(
+        "autoscaling",
+        AutoscalingArgs.from_stack(config, rabbitmq.management_url),
+        provider,
+        rabbitmq.monitor_password,
+        workers.deployment,
+    )
 if config.monitoring.managed_prometheus:
     Monitoring(
         "monitoring",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from celery import Celery
 
+from app import metrics
 from app.publish import BudgetedTask
 from app.settings import celery_config, settings_or_exit
 
@@ -28,5 +29,6 @@ class ClusterTask(BudgetedTask):
 
 app = Celery("app", include=["app.tasks"], task_cls=ClusterTask)
 app.conf.update(celery_config(settings))
+worker_metrics = metrics.install(settings.metrics_port)
 
 __all__ = ["app", "settings"]

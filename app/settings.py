@@ -57,6 +57,7 @@ ENV_CONCURRENCY = "CELERY_CONCURRENCY"
 ENV_HEARTBEAT = "CELERY_BROKER_HEARTBEAT"
 ENV_PUBLISH_RETRY_SECONDS = "CELERY_PUBLISH_RETRY_SECONDS"
 ENV_REMOTE_CONTROL = "CELERY_REMOTE_CONTROL"
+ENV_METRICS_PORT = "CELERY_METRICS_PORT"
 ENV_HOSTNAME = "HOSTNAME"
 # Read by app/tasks.py (which imports the app, so they are named here).
 ENV_STEP_SECONDS = "COUNT_STEP_SECONDS"
@@ -106,6 +107,12 @@ MAX_PUBLISH_RETRY_SECONDS = 3600.0
 PUBLISH_RETRY_INTERVAL_START = 1.0
 PUBLISH_RETRY_INTERVAL_STEP = 1.0
 PUBLISH_RETRY_INTERVAL_MAX = 3.0
+
+
+METRICS_PORT_ALLOWED = (
+    "a TCP port from 1 to 65535, or 0 for none; 0 with the prefork pool (its tasks run "
+    "in child processes, whose counters one HTTP server cannot see)"
+)
 
 
 class SettingsError(ValueError):
@@ -189,6 +196,8 @@ class WorkerSettings:
     heartbeat: int = DEFAULT_HEARTBEAT_SECONDS
     publish_retry_seconds: float = DEFAULT_PUBLISH_RETRY_SECONDS
     remote_control: bool = False
+    #: Where the worker serves Prometheus metrics (app.metrics); 0: not at all.
+    metrics_port: int = 0
 
     @property
     def rotated_broker_urls(self) -> list[str]:
@@ -249,6 +258,13 @@ class WorkerSettings:
             else DEFAULT_PUBLISH_RETRY_SECONDS
         )
 
+        raw_port = env.get(ENV_METRICS_PORT, "").strip()
+        metrics_port = (
+            _parse_int(ENV_METRICS_PORT, raw_port, 0, METRICS_PORT_ALLOWED) if raw_port else 0
+        )
+        if metrics_port > 65535 or (metrics_port and pool == "prefork"):
+            raise _bad(ENV_METRICS_PORT, raw_port, METRICS_PORT_ALLOWED)
+
         raw_remote = env.get(ENV_REMOTE_CONTROL, "0").strip()
         if raw_remote not in ("0", "1"):
             raise _bad(ENV_REMOTE_CONTROL, raw_remote, "0 (off) or 1 (on)")
@@ -263,6 +279,7 @@ class WorkerSettings:
             heartbeat=heartbeat,
             publish_retry_seconds=publish_retry_seconds,
             remote_control=raw_remote == "1",
+            metrics_port=metrics_port,
         )
 
     def to_env(self) -> dict[str, str]:
@@ -279,6 +296,7 @@ class WorkerSettings:
             ENV_HEARTBEAT: str(self.heartbeat),
             ENV_PUBLISH_RETRY_SECONDS: repr(float(self.publish_retry_seconds)),
             ENV_REMOTE_CONTROL: "1" if self.remote_control else "0",
+            ENV_METRICS_PORT: str(self.metrics_port),
         }
 
 

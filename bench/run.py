@@ -430,7 +430,7 @@ class Bench:
 
     def _ours_side(self, cluster: twin.StatefulSetTwin) -> Side:
         deployment = cluster.deployment
-        replicas = int(deployment["spec"]["replicas"])
+        replicas = cluster.worker_replicas()
         if replicas != WORKERS:
             raise twin.TwinError(
                 f"stack {STACK}: the worker Deployment has {replicas} replicas, the bench "

@@ -37,6 +37,9 @@ NodeDiskType = Literal["pd-standard", "pd-balanced", "pd-ssd"]
 AntiAffinity = Literal["required", "preferred"]
 RetentionPolicy = Literal["Retain", "Delete"]
 WorkerPool = Literal["threads", "prefork", "solo"]
+# KEDA: the program installs it (Helm chart, pinned), finds one already installed, or
+# the workers keep a fixed replica count.
+KedaInstall = Literal["install", "existing", "none"]
 
 # The storage classes this program creates itself (the article's two options,
 # through the GCE PD CSI driver). Any other name refers to a class that already
@@ -144,6 +147,22 @@ class Resources:
 
 
 @dataclass(frozen=True)
+class WorkerPoolConfig:
+    """The workers' own node pool, grown and shrunk by GKE's cluster autoscaler.
+
+    Off: one pool runs everything (dev may). On: the main pool is RabbitMQ's alone
+    (tainted), and a burst of workers grows this pool instead of squeezing a broker.
+    """
+
+    enabled: bool = True
+    machine_type: str = "e2-standard-2"
+    # Per zone, as the main pool's nodesPerZone.
+    min_nodes_per_zone: int = 1
+    max_nodes_per_zone: int = 3
+    spot: bool = False
+
+
+@dataclass(frozen=True)
 class GkeConfig:
     """The GKE cluster: a zonal cluster when `zone` is set, regional otherwise."""
 
@@ -166,6 +185,7 @@ class GkeConfig:
     # None: the release channel's default version. A pinned version goes stale
     # when the channel stops offering it, and cluster creation then fails.
     min_master_version: str | None = None
+    worker_pool: WorkerPoolConfig = field(default_factory=WorkerPoolConfig)
 
     @property
     def location(self) -> str:
@@ -297,6 +317,34 @@ class MonitoringConfig:
     backlog_wait_seconds: int = 600
 
 
+#: KEDA's Helm chart (https://kedacore.github.io/charts), pinned, and the Kubernetes
+#: minors it supports (built against 1.35, KEDA supports N-2).
+KEDA_CHART_VERSION = "2.20.2"
+KEDA_KUBERNETES_VERSIONS = ("1.33", "1.34", "1.35")
+
+
+@dataclass(frozen=True)
+class AutoscalingConfig:
+    """Workers follow the queue: a KEDA ScaledObject on the worker Deployment
+    (components/autoscaling.py)."""
+
+    keda: KedaInstall = "install"
+    #: Where KEDA runs: the namespace the program installs it into, or the existing one's.
+    keda_namespace: str = "keda"
+    keda_chart_version: str = KEDA_CHART_VERSION
+    #: At least one worker always consumes: CeleryNoConsumer stays meaningful and the
+    #: first task of a quiet hour does not wait for a poll and a pod start.
+    min_replicas: int = 1
+    max_replicas: int = 12
+    #: Ready + unacknowledged messages one worker pod is meant to hold; None: its
+    #: concurrency (one replica per pod-full of running tasks, more once tasks queue).
+    messages_per_replica: int | None = None
+    polling_interval_seconds: int = 15
+    #: How long the wanted replica count must stay lower before workers are removed
+    #: (the HPA's scale-down stabilization window).
+    cooldown_seconds: int = 300
+
+
 @dataclass(frozen=True)
 class StackConfig:
     stack: str
@@ -308,6 +356,7 @@ class StackConfig:
     rabbitmq: RabbitmqConfig = field(default_factory=RabbitmqConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
+    autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
 
     @property
     def production(self) -> bool:
@@ -317,6 +366,21 @@ class StackConfig:
     def protect(self) -> bool:
         """Pulumi `protect` on what holds data or takes long to rebuild."""
         return self.production
+
+    @property
+    def dedicated_pools(self) -> bool:
+        """RabbitMQ on its own (tainted) node pool, workers on an autoscaled one."""
+        return self.target == "gke" and self.gke.worker_pool.enabled
+
+    @property
+    def autoscaled(self) -> bool:
+        """A KEDA ScaledObject owns the worker Deployment's replica count."""
+        return self.autoscaling.keda != "none"
+
+    @property
+    def messages_per_replica(self) -> int:
+        wanted = self.autoscaling.messages_per_replica
+        return self.workers.concurrency if wanted is None else wanted
 
 
 # --- reading -----------------------------------------------------------------
@@ -330,6 +394,7 @@ _TOP_LEVEL = {
     "rabbitmq": "rabbitmq",
     "workers": "workers",
     "monitoring": "monitoring",
+    "autoscaling": "autoscaling",
 }
 
 
@@ -582,10 +647,118 @@ def _check_monitoring(monitoring: MonitoringConfig) -> None:
         )
 
 
+MAX_NODES_PER_ZONE = 1000  # GKE's limit per node pool and zone
+MAX_WORKER_REPLICAS = 1000
+POLLING_INTERVAL_SECONDS = (5, 3600)
+COOLDOWN_SECONDS = (0, 86_400)
+_HELM_VERSION = re.compile(r"^\d+\.\d+\.\d+$")
+
+
+def _check_worker_pool(config: StackConfig) -> None:
+    pool = config.gke.worker_pool
+    if not pool.enabled:
+        return
+    if not _GCE_MACHINE_TYPE.match(pool.machine_type):
+        raise ConfigError(
+            _key("gke.workerPool.machineType"),
+            pool.machine_type,
+            "a Compute Engine machine type such as e2-standard-2",
+        )
+    if not 1 <= pool.min_nodes_per_zone <= MAX_NODES_PER_ZONE:
+        raise ConfigError(
+            _key("gke.workerPool.minNodesPerZone"),
+            pool.min_nodes_per_zone,
+            f"an integer from 1 to {MAX_NODES_PER_ZONE}: RabbitMQ's pool is tainted, so "
+            "cluster services (DNS, KEDA, metrics collectors) need a worker node",
+        )
+    if not pool.min_nodes_per_zone <= pool.max_nodes_per_zone <= MAX_NODES_PER_ZONE:
+        raise ConfigError(
+            _key("gke.workerPool.maxNodesPerZone"),
+            pool.max_nodes_per_zone,
+            f"an integer from gke.workerPool.minNodesPerZone ({pool.min_nodes_per_zone}) "
+            f"to {MAX_NODES_PER_ZONE}",
+        )
+    if pool.spot and config.production:
+        raise ConfigError(
+            _key("gke.workerPool.spot"),
+            pool.spot,
+            "false in a production stack: a spot VM gets 30 s notice, less than the "
+            f"workers' {config.workers.termination_grace_seconds} s warm shutdown "
+            "(their tasks are redelivered, not lost, but run twice)",
+        )
+
+
+def _check_autoscaling(config: StackConfig) -> None:
+    scaling = config.autoscaling
+    if not config.autoscaled:
+        return
+    if not _DNS_LABEL.match(scaling.keda_namespace):
+        raise ConfigError(
+            _key("autoscaling.kedaNamespace"),
+            scaling.keda_namespace,
+            "a lowercase DNS label (a-z, 0-9, '-'; at most 63)",
+        )
+    if scaling.keda_namespace in (config.rabbitmq.namespace, config.workers.namespace):
+        raise ConfigError(
+            _key("autoscaling.kedaNamespace"),
+            scaling.keda_namespace,
+            "a namespace of its own, not RabbitMQ's or the workers'",
+        )
+    if not _HELM_VERSION.match(scaling.keda_chart_version):
+        raise ConfigError(
+            _key("autoscaling.kedaChartVersion"),
+            scaling.keda_chart_version,
+            f"a pinned chart version such as {KEDA_CHART_VERSION}",
+        )
+    if (
+        scaling.keda == "install"
+        and scaling.keda_chart_version == KEDA_CHART_VERSION
+        and config.kubernetes.version not in KEDA_KUBERNETES_VERSIONS
+    ):
+        raise ConfigError(
+            _key("kubernetes.version"),
+            config.kubernetes.version,
+            f"one of {', '.join(KEDA_KUBERNETES_VERSIONS)} with KEDA {KEDA_CHART_VERSION} "
+            "(autoscaling.keda: install), or pin a KEDA chart that supports it "
+            "(autoscaling.kedaChartVersion)",
+        )
+    if not 1 <= scaling.min_replicas <= MAX_WORKER_REPLICAS:
+        raise ConfigError(
+            _key("autoscaling.minReplicas"),
+            scaling.min_replicas,
+            f"an integer from 1 to {MAX_WORKER_REPLICAS}: a worker always consumes "
+            "(scaling to zero leaves new tasks waiting for a poll and a pod start)",
+        )
+    if not scaling.min_replicas <= scaling.max_replicas <= MAX_WORKER_REPLICAS:
+        raise ConfigError(
+            _key("autoscaling.maxReplicas"),
+            scaling.max_replicas,
+            f"an integer from autoscaling.minReplicas ({scaling.min_replicas}) "
+            f"to {MAX_WORKER_REPLICAS}",
+        )
+    if scaling.messages_per_replica is not None and scaling.messages_per_replica < 1:
+        raise ConfigError(
+            _key("autoscaling.messagesPerReplica"),
+            scaling.messages_per_replica,
+            "an integer >= 1, or null for workers.concurrency",
+        )
+    for name, (least, most) in (
+        ("polling_interval_seconds", POLLING_INTERVAL_SECONDS),
+        ("cooldown_seconds", COOLDOWN_SECONDS),
+    ):
+        value = getattr(scaling, name)
+        if not least <= value <= most:
+            raise ConfigError(
+                _key(f"autoscaling.{_camel(name)}"), value, f"an integer from {least} to {most}"
+            )
+
+
 def validate(config: StackConfig) -> None:
     """Reject values that are malformed or dangerous for this stack's environment."""
     gke, rmq, workers = config.gke, config.rabbitmq, config.workers
     _check_monitoring(config.monitoring)
+    _check_worker_pool(config)
+    _check_autoscaling(config)
 
     if config.target == "gke":
         if not config.gcp_project:

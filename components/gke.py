@@ -1,4 +1,4 @@
-"""The GKE cluster: network, node service account, cluster, node pool, provider.
+"""The GKE cluster: network, node service account, cluster, node pools, provider.
 
 One small function per GCP object; `GkeCluster` assembles them. The cluster's
 default node pool is removed and replaced by a separately managed pool, so a
@@ -20,6 +20,7 @@ import pulumi_kubernetes as k8s
 
 from components.config import GkeConfig, StackConfig
 from components.gcp_ids import stack_id, stack_label
+from components.names import POOL_LABEL, RABBITMQ_POOL, WORKER_POOL
 
 # Roles a GKE node needs to run, log and pull images: the predefined
 # least-privilege node role, plus reading images from Artifact Registry.
@@ -49,6 +50,8 @@ class GkeClusterArgs:
     protect: bool
     # GKE Managed Prometheus collection (monitoring.managedPrometheus).
     managed_prometheus: bool = True
+    # The main pool is RabbitMQ's alone and workers get their own autoscaled pool.
+    dedicated_pools: bool = False
 
     @classmethod
     def from_stack(cls, config: StackConfig) -> GkeClusterArgs:
@@ -58,6 +61,7 @@ class GkeClusterArgs:
             gke=config.gke,
             protect=config.protect,
             managed_prometheus=config.monitoring.managed_prometheus,
+            dedicated_pools=config.dedicated_pools,
         )
 
 
@@ -215,6 +219,44 @@ def cluster(
     )
 
 
+def _node_config(
+    args: GkeClusterArgs,
+    account: gcp.serviceaccount.Account,
+    *,
+    machine_type: str,
+    spot: bool,
+    pool: str | None,
+) -> gcp.container.NodePoolNodeConfigArgs:
+    labels = {"stack": stack_label(args.stack)}
+    taints = None
+    if pool is not None:
+        labels[POOL_LABEL] = pool
+    if pool == RABBITMQ_POOL:
+        # Only the RabbitMQ StatefulSet tolerates it: a burst of anything else lands
+        # on the workers' pool, never on a broker's node.
+        taints = [
+            gcp.container.NodePoolNodeConfigTaintArgs(
+                key=POOL_LABEL, value=RABBITMQ_POOL, effect="NO_SCHEDULE"
+            )
+        ]
+    return gcp.container.NodePoolNodeConfigArgs(
+        machine_type=machine_type,
+        spot=spot,
+        disk_type=args.gke.disk_type,
+        disk_size_gb=args.gke.disk_size_gb,
+        service_account=account.email,
+        oauth_scopes=list(NODE_OAUTH_SCOPES),
+        shielded_instance_config=gcp.container.NodePoolNodeConfigShieldedInstanceConfigArgs(
+            enable_secure_boot=True, enable_integrity_monitoring=True
+        ),
+        workload_metadata_config=gcp.container.NodePoolNodeConfigWorkloadMetadataConfigArgs(
+            mode="GKE_METADATA"
+        ),
+        labels=labels,
+        taints=taints,
+    )
+
+
 def node_pool(
     name: str,
     args: GkeClusterArgs,
@@ -222,29 +264,55 @@ def node_pool(
     account: gcp.serviceaccount.Account,
     opts: pulumi.ResourceOptions,
 ) -> gcp.container.NodePool:
+    """The fixed pool: RabbitMQ's alone with dedicated pools, everything's otherwise."""
     gke = args.gke
     return gcp.container.NodePool(
         name,
         project=args.project,
         cluster=gke_cluster.name,
         location=gke.location,
-        # Per zone: 3 in a zonal cluster, 1 in each of a region's 3 zones.
+        # Per zone: 3 in a zonal cluster, 1 in each of a region's 3 zones. Never
+        # autoscaled: RabbitMQ's anti-affinity wants exactly one node per pod.
         node_count=gke.nodes_per_zone,
         management=gcp.container.NodePoolManagementArgs(auto_repair=True, auto_upgrade=True),
-        node_config=gcp.container.NodePoolNodeConfigArgs(
+        node_config=_node_config(
+            args,
+            account,
             machine_type=gke.machine_type,
             spot=gke.spot,
-            disk_type=gke.disk_type,
-            disk_size_gb=gke.disk_size_gb,
-            service_account=account.email,
-            oauth_scopes=list(NODE_OAUTH_SCOPES),
-            shielded_instance_config=gcp.container.NodePoolNodeConfigShieldedInstanceConfigArgs(
-                enable_secure_boot=True, enable_integrity_monitoring=True
-            ),
-            workload_metadata_config=gcp.container.NodePoolNodeConfigWorkloadMetadataConfigArgs(
-                mode="GKE_METADATA"
-            ),
-            labels={"stack": stack_label(args.stack)},
+            pool=RABBITMQ_POOL if args.dedicated_pools else None,
+        ),
+        opts=opts,
+    )
+
+
+def worker_node_pool(
+    name: str,
+    args: GkeClusterArgs,
+    gke_cluster: gcp.container.Cluster,
+    account: gcp.serviceaccount.Account,
+    opts: pulumi.ResourceOptions,
+) -> gcp.container.NodePool:
+    """The workers' pool: the cluster autoscaler adds a node when KEDA's new worker
+    pods do not fit, and removes one its pods no longer need (evicted within their
+    PodDisruptionBudget and grace period: a warm shutdown, late acks)."""
+    pool = args.gke.worker_pool
+    return gcp.container.NodePool(
+        name,
+        project=args.project,
+        cluster=gke_cluster.name,
+        location=args.gke.location,
+        # The autoscaler owns the count after creation.
+        initial_node_count=pool.min_nodes_per_zone,
+        autoscaling=gcp.container.NodePoolAutoscalingArgs(
+            min_node_count=pool.min_nodes_per_zone,
+            max_node_count=pool.max_nodes_per_zone,
+            # Spot capacity comes from whichever zone has it; on-demand stays even.
+            location_policy="ANY" if pool.spot else "BALANCED",
+        ),
+        management=gcp.container.NodePoolManagementArgs(auto_repair=True, auto_upgrade=True),
+        node_config=_node_config(
+            args, account, machine_type=pool.machine_type, spot=pool.spot, pool=WORKER_POOL
         ),
         opts=opts,
     )
@@ -357,23 +425,37 @@ class GkeCluster(pulumi.ComponentResource):
                 ),
             ),
         )
-        pool = node_pool(
-            f"{name}-pool",
-            args,
-            gke_cluster,
-            account,
-            pulumi.ResourceOptions.merge(durable, pulumi.ResourceOptions(depends_on=bindings)),
-        )
+        pools = [
+            node_pool(
+                f"{name}-pool",
+                args,
+                gke_cluster,
+                account,
+                pulumi.ResourceOptions.merge(durable, pulumi.ResourceOptions(depends_on=bindings)),
+            )
+        ]
+        if args.dedicated_pools:
+            pools.append(
+                worker_node_pool(
+                    f"{name}-worker-pool",
+                    args,
+                    gke_cluster,
+                    account,
+                    pulumi.ResourceOptions.merge(
+                        child, pulumi.ResourceOptions(depends_on=bindings)
+                    ),
+                )
+            )
 
         self.cluster_name = gke_cluster.name
         self.endpoint = control_plane_endpoint(gke_cluster, args.gke)
         self.kubeconfig = kubeconfig(gke_cluster, self.endpoint, args)
-        # Workloads wait for the node pool, not just the control plane.
+        # Workloads wait for the node pools, not just the control plane.
         self.provider = k8s.Provider(
             f"{name}-k8s",
             kubeconfig=self.kubeconfig,
             enable_server_side_apply=True,
-            opts=pulumi.ResourceOptions(parent=self, depends_on=[pool]),
+            opts=pulumi.ResourceOptions(parent=self, depends_on=pools),
         )
         self.register_outputs(
             {

@@ -85,9 +85,14 @@ def register(
 
 
 #: The CustomResourceDefinitions' kinds the program registers (not in Kubernetes' own
-#: schema: tests/unit/test_monitoring.py checks them field by field).
+#: schema: tests/unit/test_monitoring.py and test_autoscaling.py check them field by field).
 CUSTOM_KINDS = frozenset(
-    {("monitoring.googleapis.com/v1", "PodMonitoring"), ("monitoring.googleapis.com/v1", "Rules")}
+    {
+        ("monitoring.googleapis.com/v1", "PodMonitoring"),
+        ("monitoring.googleapis.com/v1", "Rules"),
+        ("keda.sh/v1alpha1", "ScaledObject"),
+        ("keda.sh/v1alpha1", "TriggerAuthentication"),
+    }
 )
 
 

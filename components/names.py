@@ -31,3 +31,20 @@ def selector_labels(app: str) -> dict[str, str]:
 # GCP label (on the persistent disks the RabbitMQ StorageClass provisions) whose
 # value is the stack name: what `make destroy` lists to find disks that outlived it.
 STACK_LABEL = "celery-cluster-stack"
+
+
+# Node pools (when gke.workerPool is on): a node label on each pool, and a taint on
+# RabbitMQ's, so only what tolerates it (the RabbitMQ StatefulSet) runs there.
+POOL_LABEL = "celery-cluster/pool"
+RABBITMQ_POOL = "rabbitmq"
+WORKER_POOL = "workers"
+
+
+def pool_placement(pool: str, *, tolerate: bool = False) -> dict[str, object]:
+    """The pod spec fields that put a pod on ``pool`` (and let it past the pool's taint)."""
+    placement: dict[str, object] = {"nodeSelector": {POOL_LABEL: pool}}
+    if tolerate:
+        placement["tolerations"] = [
+            {"key": POOL_LABEL, "operator": "Equal", "value": pool, "effect": "NoSchedule"}
+        ]
+    return placement

@@ -48,6 +48,7 @@ import pulumi_random as random
 from components import kube, names
 from components.config import MANAGED_STORAGE_TYPES, RabbitmqConfig, StackConfig
 from components.gcp_ids import stack_id, stack_label
+from components.names import RABBITMQ_POOL, pool_placement
 from components.rabbitmq_conf import (
     KubernetesDiscovery,
     default_user_conf,
@@ -67,6 +68,11 @@ class RabbitmqClusterArgs:
     production: bool
     # The namespace whose pods labelled as AMQP clients may connect (the workers').
     client_namespace: str
+    # The namespace of KEDA, which reads the queue's depth from the management API
+    # as MONITOR_USERNAME; None: no autoscaling, no such user.
+    monitor_namespace: str | None = None
+    # On the tainted node pool of its own (gke.workerPool on).
+    dedicated_pool: bool = False
 
     @classmethod
     def from_stack(cls, config: StackConfig) -> RabbitmqClusterArgs:
@@ -75,6 +81,8 @@ class RabbitmqClusterArgs:
             rabbitmq=config.rabbitmq,
             production=config.production,
             client_namespace=config.workers.namespace,
+            monitor_namespace=config.autoscaling.keda_namespace if config.autoscaled else None,
+            dedicated_pool=config.dedicated_pools,
         )
 
     @property
@@ -101,6 +109,8 @@ CLUSTER_DOMAIN = "cluster.local"
 # The application user (the workers') and its vhost. There is no guest user.
 APP_USERNAME = "celery"
 VHOST = "celery"
+# KEDA's: reads queue statistics through the management API, nothing else.
+MONITOR_USERNAME = "keda-scaler"
 
 AMQP_PORT = 5672
 MANAGEMENT_PORT = 15672
@@ -248,9 +258,13 @@ def storage_class(args: RabbitmqClusterArgs) -> dict[str, Any]:
 
 
 def secret_string_data(
-    args: RabbitmqClusterArgs, *, erlang_cookie: str, password: str
+    args: RabbitmqClusterArgs,
+    *,
+    erlang_cookie: str,
+    password: str,
+    monitor_password: str | None = None,
 ) -> dict[str, str]:
-    """The Secret's contents, from the generated cookie and password."""
+    """The Secret's contents, from the generated cookie and passwords."""
     return {
         COOKIE_KEY: erlang_cookie,
         USERNAME_KEY: APP_USERNAME,
@@ -266,6 +280,7 @@ def secret_string_data(
             username=APP_USERNAME,
             password=password,
             version=args.rabbitmq.version,
+            monitor=(MONITOR_USERNAME, monitor_password) if monitor_password else None,
         ),
         # Comma-separated, as CELERY_BROKER_URLS expects.
         names.BROKER_URLS_KEY: ",".join(broker_urls(args, APP_USERNAME, password)),
@@ -668,12 +683,14 @@ def _volumes() -> list[dict[str, Any]]:
 
 def config_hash(args: RabbitmqClusterArgs) -> str:
     """Changes with the rendered configuration, so a change rolls the pods one by one."""
-    # The definitions live in the Secret (they hold the password hash); their
-    # topology part, rendered without the user, is hashed here.
+    # The definitions live in the Secret (they hold the password hashes); their
+    # topology part, rendered without the users, is hashed here, with the users'
+    # names: definitions are imported at boot only, so a new user needs a restart.
     topology = definitions_json(
         VHOST, delivery_limit=args.rabbitmq.delivery_limit, version=args.rabbitmq.version
     )
-    data = json.dumps([config_map_data(args), topology], sort_keys=True).encode()
+    users = [APP_USERNAME] + ([MONITOR_USERNAME] if args.monitor_namespace else [])
+    data = json.dumps([config_map_data(args), topology, users], sort_keys=True).encode()
     return hashlib.sha256(data).hexdigest()[:16]
 
 
@@ -714,6 +731,8 @@ def stateful_set(args: RabbitmqClusterArgs) -> dict[str, Any]:
                         "fsGroupChangePolicy": "OnRootMismatch",
                     },
                     "affinity": {"podAntiAffinity": _anti_affinity(args)},
+                    # Its own tainted pool: worker bursts land elsewhere.
+                    **(pool_placement(RABBITMQ_POOL, tolerate=True) if args.dedicated_pool else {}),
                     "topologySpreadConstraints": [
                         {
                             "maxSkew": 1,
@@ -809,9 +828,35 @@ def network_policy(args: RabbitmqClusterArgs) -> dict[str, Any]:
                     "from": [{"namespaceSelector": {}}],
                     "ports": [_tcp(PROMETHEUS_PORT)],
                 },
+                *_monitor_ingress(args),
             ],
         },
     }
+
+
+def _monitor_ingress(args: RabbitmqClusterArgs) -> list[dict[str, Any]]:
+    """KEDA's operator reads the queue depth from the management API."""
+    if args.monitor_namespace is None:
+        return []
+    return [
+        {
+            "from": [
+                {
+                    "namespaceSelector": {
+                        "matchLabels": {"kubernetes.io/metadata.name": args.monitor_namespace}
+                    }
+                }
+            ],
+            "ports": [_tcp(MANAGEMENT_PORT)],
+        }
+    ]
+
+
+def management_url(args: RabbitmqClusterArgs) -> str:
+    """The management API through the client Service, as KEDA's scaler takes it: the
+    vhost is the path (URL-encoded), the credentials come separately."""
+    host = f"{CLIENT_SERVICE}.{args.rabbitmq.namespace}.svc.{CLUSTER_DOMAIN}"
+    return f"http://{host}:{MANAGEMENT_PORT}/{quote(VHOST, safe='')}"
 
 
 # --- registration ---------------------------------------------------------------------
@@ -843,6 +888,9 @@ class RabbitmqCluster(pulumi.ComponentResource):
     server: pulumi.CustomResource
     username: pulumi.Output[str]
     password: pulumi.Output[str]
+    #: MONITOR_USERNAME's password (None without autoscaling).
+    monitor_password: pulumi.Output[str] | None
+    management_url: str
 
     def __init__(
         self,
@@ -861,6 +909,15 @@ class RabbitmqCluster(pulumi.ComponentResource):
         app_password = random.RandomPassword(
             f"{name}-app-password", length=32, special=False, opts=own
         )
+        monitor_password: pulumi.Output[str | None] = pulumi.Output.from_input(None)
+        self.monitor_password = None
+        if args.monitor_namespace is not None:
+            monitor = random.RandomPassword(
+                f"{name}-monitor-password", length=32, special=False, opts=own
+            )
+            monitor_password = monitor.result
+            self.monitor_password = pulumi.Output.secret(monitor.result)
+        self.management_url = management_url(args)
         self.username = pulumi.Output.secret(APP_USERNAME)
         self.password = pulumi.Output.secret(app_password.result)
         self.broker_urls = pulumi.Output.secret(
@@ -885,8 +942,12 @@ class RabbitmqCluster(pulumi.ComponentResource):
             )
 
         data: pulumi.Output[dict[str, str]] = pulumi.Output.all(
-            cookie.result, app_password.result
-        ).apply(lambda v: secret_data(secret_string_data(args, erlang_cookie=v[0], password=v[1])))
+            cookie.result, app_password.result, monitor_password
+        ).apply(
+            lambda v: secret_data(
+                secret_string_data(args, erlang_cookie=v[0], password=v[1], monitor_password=v[2])
+            )
+        )
         dependencies += [
             register(f"{name}-credentials", secret(args, pulumi.Output.secret(data)), in_ns),
             register(f"{name}-config", config_map(args), in_ns),

@@ -450,6 +450,7 @@ def definitions_json(
     username: str | None = None,
     password: str | None = None,
     version: str | None = None,
+    monitor: tuple[str, str] | None = None,
 ) -> str:
     """A RabbitMQ definitions document, imported at boot (``definitions.local.path``).
 
@@ -465,6 +466,11 @@ def definitions_json(
     application user must be in this document, or the cluster has no user at all.
     Pass ``username`` and ``password``; the document then contains a salted
     ``password_hash`` and belongs in a Secret, not a ConfigMap.
+
+    ``monitor`` (username, password): a second user that can only read queue
+    statistics through the management API (KEDA's scaler): the ``management`` tag, and
+    on the vhost an entry whose three permissions match no resource (``""``) - the
+    entry grants the vhost's API views, nothing else.
 
     ``version`` (``None`` = current releases) matters for one thing: from 3.12 the
     policy targets ``quorum_queues`` only.  Older brokers reject that value and only
@@ -488,6 +494,8 @@ def definitions_json(
         )
     if (username is None) != (password is None):
         raise ValueError("pass both username and password, or neither")
+    if monitor is not None and (not all(monitor) or monitor[0] == username):
+        raise ValueError(f"monitor must be a new non-empty (username, password), got {monitor!r}")
 
     exclude = [_pcre_escape(dead_letter_queue) + "$"]
     if version is None or supports_queue_type_policies(version):
@@ -498,21 +506,28 @@ def definitions_json(
     pattern = f"^(?!{'|'.join(exclude)}).*"
 
     document: dict[str, list[dict[str, object]]] = {}
+    users: list[tuple[str, str, str]] = []  # name, password, the permissions' pattern
     if username is not None and password is not None:
         if not username or not password:
             raise ValueError("username and password must be non-empty")
+        users.append((username, password, ".*"))
+    if monitor is not None:
+        users.append((monitor[0], monitor[1], ""))
+    if users:
         document["users"] = [
             {
-                "name": username,
-                "password_hash": rabbitmq_password_hash(password),
+                "name": name,
+                "password_hash": rabbitmq_password_hash(secret),
                 "hashing_algorithm": "rabbit_password_hashing_sha256",
                 "tags": ["management"],
             }
+            for name, secret, _ in users
         ]
     document["vhosts"] = [{"name": vhost}]
-    if username is not None:
+    if users:
         document["permissions"] = [
-            {"user": username, "vhost": vhost, "configure": ".*", "write": ".*", "read": ".*"}
+            {"user": name, "vhost": vhost, "configure": rights, "write": rights, "read": rights}
+            for name, _, rights in users
         ]
     document["policies"] = [
         {

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_kubernetes as k8s
 
-from app.settings import ENV_BROKER_URLS, ENV_CONCURRENCY, ENV_POOL
+from app.settings import ENV_BROKER_URLS, ENV_CONCURRENCY, ENV_METRICS_PORT, ENV_POOL
 from components import kube
 from components.config import SchedulerConfig, StackConfig, WorkersConfig
 from components.kube import Manifest
@@ -26,7 +26,9 @@ from components.names import (
     BROKER_URLS_KEY,
     SCHEDULER_APP,
     WORKER_APP,
+    WORKER_POOL,
     app_labels,
+    pool_placement,
     selector_labels,
 )
 
@@ -37,6 +39,10 @@ SCHEDULER_JOB = "celery-scheduler"
 # The scheduler publishes a few thousand confirmed tasks a second and retries a
 # broker outage for its own budget; past this the Job (and `pulumi up`) fails.
 SCHEDULER_DEADLINE_SECONDS = 15 * 60
+DEPLOYMENT = "celery-worker"
+#: app.metrics' /metrics (prometheus_client), the container port named "metrics".
+METRICS_PORT = 9808
+METRICS_PORT_NAME = "metrics"
 
 
 @dataclass(frozen=True)
@@ -44,10 +50,27 @@ class CeleryWorkersArgs:
     """What the workers component needs from the stack (Pulumi's ``*Args`` convention)."""
 
     workers: WorkersConfig
+    # On the workers' own node pool (gke.workerPool on).
+    dedicated_pool: bool = False
+    # A KEDA ScaledObject owns the replica count (components/autoscaling.py).
+    autoscaled: bool = False
 
     @classmethod
     def from_stack(cls, config: StackConfig) -> CeleryWorkersArgs:
-        return cls(workers=config.workers)
+        return cls(
+            workers=config.workers,
+            dedicated_pool=config.dedicated_pools,
+            autoscaled=config.autoscaled,
+        )
+
+    @property
+    def serves_metrics(self) -> bool:
+        """prefork runs tasks in child processes, which one HTTP server cannot count."""
+        return self.workers.pool != "prefork"
+
+
+def _placement(args: CeleryWorkersArgs) -> Manifest:
+    return pool_placement(WORKER_POOL) if args.dedicated_pool else {}
 
 
 def namespace(args: CeleryWorkersArgs) -> Manifest:
@@ -132,7 +155,21 @@ def deployment(args: CeleryWorkersArgs, image: pulumi.Input[str]) -> Manifest:
             *_broker_env(),
             {"name": ENV_POOL, "value": workers.pool},
             {"name": ENV_CONCURRENCY, "value": str(workers.concurrency)},
+            *(
+                [{"name": ENV_METRICS_PORT, "value": str(METRICS_PORT)}]
+                if args.serves_metrics
+                else []
+            ),
         ],
+        **(
+            {
+                "ports": [
+                    {"name": METRICS_PORT_NAME, "containerPort": METRICS_PORT, "protocol": "TCP"}
+                ]
+            }
+            if args.serves_metrics
+            else {}
+        ),
         "resources": workers.resources.to_kubernetes(),
         "securityContext": kube.container_security_context(),
         # A worker whose consumer loop is wedged stops refreshing its heartbeat
@@ -157,12 +194,15 @@ def deployment(args: CeleryWorkersArgs, image: pulumi.Input[str]) -> Manifest:
         },
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
     }
+    # Autoscaled: no replica count here, or every `pulumi up` would reset what KEDA's
+    # HorizontalPodAutoscaler chose.
+    replicas = {} if args.autoscaled else {"replicas": workers.replicas}
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": kube.metadata("celery-worker", labels, workers.namespace),
+        "metadata": kube.metadata(DEPLOYMENT, labels, workers.namespace),
         "spec": {
-            "replicas": workers.replicas,
+            **replicas,
             "selector": {"matchLabels": selector_labels(WORKER_APP)},
             # Never below the wanted capacity during a rollout: surge first.
             "strategy": {
@@ -179,6 +219,7 @@ def deployment(args: CeleryWorkersArgs, image: pulumi.Input[str]) -> Manifest:
                     "terminationGracePeriodSeconds": workers.termination_grace_seconds,
                     "securityContext": kube.pod_security_context(APP_UID),
                     "topologySpreadConstraints": spread,
+                    **_placement(args),
                     "containers": [container],
                     "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}],
                 },
@@ -192,21 +233,30 @@ def pod_disruption_budget(args: CeleryWorkersArgs) -> Manifest:
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
         "metadata": kube.metadata(
-            "celery-worker", app_labels(WORKER_APP, "worker"), args.workers.namespace
+            DEPLOYMENT, app_labels(WORKER_APP, "worker"), args.workers.namespace
         ),
         "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(WORKER_APP)}},
     }
 
 
 def network_policy(args: CeleryWorkersArgs) -> Manifest:
-    """Workers and the scheduler serve nothing: no ingress at all."""
+    """Workers and the scheduler serve nothing but the workers' metrics: no other ingress."""
+    spec: Manifest = {"podSelector": {}, "policyTypes": ["Ingress"]}
+    if args.serves_metrics:
+        spec["ingress"] = [
+            {
+                # Managed Prometheus' collectors (gmp-system) scrape; any namespace may.
+                "from": [{"namespaceSelector": {}}],
+                "ports": [{"protocol": "TCP", "port": METRICS_PORT}],
+            }
+        ]
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
         "metadata": kube.metadata(
             "deny-ingress", app_labels(WORKER_APP, "network"), args.workers.namespace
         ),
-        "spec": {"podSelector": {}, "policyTypes": ["Ingress"]},
+        "spec": spec,
     }
 
 
@@ -245,6 +295,7 @@ def scheduler_job(args: CeleryWorkersArgs, image: pulumi.Input[str]) -> Manifest
                 "metadata": {"labels": labels},
                 "spec": {
                     "restartPolicy": "Never",
+                    **_placement(args),
                     "serviceAccountName": SERVICE_ACCOUNT,
                     "automountServiceAccountToken": False,
                     "securityContext": kube.pod_security_context(APP_UID),

@@ -71,6 +71,10 @@ ADAPTATIONS = {
     "measurement args": "the scheduler pod may get extra options a run adds to the Job's "
     "command (--ids-file on a shared directory, --rate, --no-progress)",
     "pod names": "Deployment and Job pods are named <name>-<i>, not <name>-<hash>-<id>",
+    "autoscaling": "KEDA does not run: a Deployment a ScaledObject scales (no replica "
+    "count of its own) gets the ScaledObject's minReplicaCount pods, which a run sets to "
+    "its worker count; the scaler's management-API query is sent to the pods for real "
+    "(tests/integration/test_metrics_endpoint.py)",
     # Only for RabbitMQ before 4.1 (make bench's 3.10 side); see adapt_peer_discovery.
     "peer discovery before 4.1": "RabbitMQ < 4.1 only: the Kubernetes plugin's version 1 "
     "lists the headless Service's Endpoints through the Kubernetes API, which does not "
@@ -512,6 +516,22 @@ def python_pod(
     )
 
 
+def deployment_replicas(rendered: RenderedStack, deployment: Mapping[str, Any]) -> int:
+    """``spec.replicas``, or the minReplicaCount of the ScaledObject that owns the count."""
+    if "replicas" in deployment["spec"]:
+        return int(deployment["spec"]["replicas"])
+    name = deployment["metadata"]["name"]
+    owners = [
+        o
+        for o in rendered.of_kind("ScaledObject")
+        if o["spec"]["scaleTargetRef"]["name"] == name
+        and o["metadata"]["namespace"] == deployment["metadata"]["namespace"]
+    ]
+    if len(owners) != 1:
+        raise TwinError(f"Deployment {name} has no replicas and {len(owners)} ScaledObjects")
+    return int(owners[0]["spec"]["minReplicaCount"])
+
+
 def without_probes(workload: Mapping[str, Any], command: Sequence[str] | None) -> dict[str, Any]:
     """A copy of a Deployment with its container's probes removed (and its command
     replaced, if given): the article's worker, or the publisher."""
@@ -657,9 +677,14 @@ class StatefulSetTwin:
         container = self.deployment["spec"]["template"]["spec"]["containers"][0]
         return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
 
+    def worker_replicas(self) -> int:
+        """The Deployment's replica count, or, when KEDA scales it, the ScaledObject's
+        floor (KEDA is not here: see ADAPTATIONS)."""
+        return deployment_replicas(self.rendered, self.deployment)
+
     def worker_names(self) -> list[str]:
         name = self.deployment["metadata"]["name"]
-        return [f"{name}-{i}" for i in range(int(self.deployment["spec"]["replicas"]))]
+        return [f"{name}-{i}" for i in range(self.worker_replicas())]
 
     def start_worker(self, name: str, extra_env: Mapping[str, str] | None = None) -> pods.Pod:
         """One pod of the worker Deployment (its command, env and broker Secret)."""

@@ -28,9 +28,11 @@ AMQP_PORT = 5672
 def overrides(
     stack: str, *, workers: int, concurrency: int, tasks: int, task_seconds: float
 ) -> dict[str, Any]:
-    """The run's options as the stack config `pulumi config set` would write."""
-    base = stack_config(stack)["celery-cluster:workers"]
-    return {
+    """The run's options as the stack config `pulumi config set` would write; with KEDA
+    in the stack, its floor is the run's worker count (the pods the twin starts)."""
+    config = stack_config(stack)
+    base = config["celery-cluster:workers"]
+    found: dict[str, Any] = {
         "celery-cluster:workers": {
             **base,
             "replicas": workers,
@@ -38,6 +40,14 @@ def overrides(
             "scheduler": {"enabled": True, "tasks": tasks, "taskSeconds": task_seconds},
         }
     }
+    scaling = config.get("celery-cluster:autoscaling")
+    if scaling is not None and scaling.get("keda", "install") != "none":
+        found["celery-cluster:autoscaling"] = {
+            **scaling,
+            "minReplicas": workers,
+            "maxReplicas": max(workers, int(scaling.get("maxReplicas", workers))),
+        }
+    return found
 
 
 class RabbitPods:

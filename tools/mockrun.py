@@ -94,9 +94,14 @@ class ProgramRun:
             if (
                 r.custom
                 and r.type.startswith("kubernetes:")
+                and not r.type.startswith(HELM_TYPE_PREFIX)
                 and r.type != "pulumi:providers:kubernetes"
             ):
                 yield r, manifest(r)
+
+    def helm_releases(self) -> list[Registered]:
+        """Helm charts the program installs (a Release is no manifest: it renders many)."""
+        return [r for r in self.resources if r.type.startswith(HELM_TYPE_PREFIX)]
 
     def kubernetes_object(self, kind: str, name: str | None = None) -> dict[str, Any]:
         found = [
@@ -106,6 +111,9 @@ class ProgramRun:
         ]
         assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
         return found[0]
+
+
+HELM_TYPE_PREFIX = "kubernetes:helm.sh/"
 
 
 def manifest(r: Registered) -> dict[str, Any]:

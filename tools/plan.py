@@ -39,6 +39,7 @@ from typing import Any
 import yaml
 
 from tools.mockrun import (
+    HELM_TYPE_PREFIX,
     ROOT,
     ProgramRun,
     Registered,
@@ -97,7 +98,8 @@ def inputs(r: Registered) -> dict[str, Any]:
 
 
 def is_kubernetes_object(r: Registered) -> bool:
-    return r.custom and r.type.startswith("kubernetes:")
+    """A manifest; a Helm release renders its chart's objects in the cluster instead."""
+    return r.custom and r.type.startswith("kubernetes:") and not r.type.startswith(HELM_TYPE_PREFIX)
 
 
 def _slug(text: str) -> str:

@@ -25,6 +25,8 @@ from tools.mockrun import (
 
 CLUSTER = "gcp:container/cluster:Cluster"
 NODE_POOL = "gcp:container/nodePool:NodePool"
+MAIN_POOL = "celery-pool"  # RabbitMQ's alone when gke.workerPool is on
+WORKER_POOL_NAME = "celery-worker-pool"
 ACCOUNT = "gcp:serviceaccount/account:Account"
 REPOSITORY = "gcp:artifactregistry/repository:Repository"
 IAM_MEMBER = "gcp:projects/iAMMember:IAMMember"
@@ -79,7 +81,7 @@ def test_exactly_one_cluster_with_the_default_pool_removed(stack_run: ProgramRun
 def test_deletion_protection_and_protect_follow_the_environment(stack_run: ProgramRun) -> None:
     config = _config(stack_run)
     cluster = stack_run.one(CLUSTER)
-    pool = stack_run.one(NODE_POOL)
+    pool = stack_run.one(NODE_POOL, MAIN_POOL)
     assert cluster.inputs["deletionProtection"] is config.gke.deletion_protection
     assert cluster.protect is config.production
     assert pool.protect is config.production
@@ -92,7 +94,7 @@ def test_deletion_protection_and_protect_follow_the_environment(stack_run: Progr
 
 def test_the_node_pool_gives_at_least_three_nodes(stack_run: ProgramRun) -> None:
     config = _config(stack_run)
-    pool = reveal(stack_run.one(NODE_POOL).inputs)
+    pool = reveal(stack_run.one(NODE_POOL, MAIN_POOL).inputs)
     zones = 1 if config.gke.zone else 3
     assert pool["location"] == config.gke.location
     assert pool["nodeCount"] * zones >= 3
@@ -111,7 +113,7 @@ def test_the_node_pool_gives_at_least_three_nodes(stack_run: ProgramRun) -> None
 def test_nodes_run_as_a_dedicated_least_privilege_account(stack_run: ProgramRun) -> None:
     account = stack_run.one(ACCOUNT)
     email = f"{account.inputs['accountId']}@celery-cluster-test.iam.gserviceaccount.com"
-    pool = stack_run.one(NODE_POOL).inputs["nodeConfig"]
+    pool = stack_run.one(NODE_POOL, MAIN_POOL).inputs["nodeConfig"]
     cluster = stack_run.one(CLUSTER).inputs["nodeConfig"]
     assert pool["serviceAccount"] == email
     assert cluster["serviceAccount"] == email  # even the short-lived default pool
@@ -193,7 +195,7 @@ def test_any_stack_name_gives_valid_gcp_ids(stack: str) -> None:
     run = _run(stack_config("dev"), stack)
     assert _SERVICE_ACCOUNT_ID.match(run.one(ACCOUNT).inputs["accountId"])
     assert _REPOSITORY_ID.match(run.one(REPOSITORY).inputs["repositoryId"])
-    assert _LABEL_VALUE.match(run.one(NODE_POOL).inputs["nodeConfig"]["labels"]["stack"])
+    assert _LABEL_VALUE.match(run.one(NODE_POOL, MAIN_POOL).inputs["nodeConfig"]["labels"]["stack"])
 
 
 def test_shortened_stack_names_stay_distinct() -> None:
@@ -219,14 +221,14 @@ def test_the_cluster_runs_the_release_channels_version_unless_pinned(
 def test_the_cluster_ignores_the_node_config_gke_reports(stack_run: ProgramRun) -> None:
     # Its own option: ignore_changes does not flow from the component to children.
     assert stack_run.one(CLUSTER).ignore_changes == ["nodeConfig"]
-    assert stack_run.one(NODE_POOL).ignore_changes == []
+    assert stack_run.one(NODE_POOL, MAIN_POOL).ignore_changes == []
 
 
 def test_the_cluster_and_its_pool_wait_for_the_node_roles(stack_run: ProgramRun) -> None:
     bindings = {r.urn for r in stack_run.of_type(IAM_MEMBER)}
     assert len(bindings) == len(NODE_ROLES)
     assert bindings <= set(stack_run.one(CLUSTER).dependencies)
-    assert bindings <= set(stack_run.one(NODE_POOL).dependencies)
+    assert bindings <= set(stack_run.one(NODE_POOL, MAIN_POOL).dependencies)
 
 
 # --- the control plane ---------------------------------------------------------------------
@@ -267,7 +269,7 @@ def test_gke_cluster_args_hold_only_what_the_cluster_needs() -> None:
     config = load_stack_config(stack_config("prod"), "prod")
     args = GkeClusterArgs.from_stack(config)
     assert args == GkeClusterArgs(
-        project=config.gcp_project, stack="prod", gke=config.gke, protect=True
+        project=config.gcp_project, stack="prod", gke=config.gke, protect=True, dedicated_pools=True
     )
     with pytest.raises(dataclasses.FrozenInstanceError):
         args.protect = False  # type: ignore[misc]

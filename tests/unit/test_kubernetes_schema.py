@@ -69,9 +69,10 @@ def test_every_registered_object_is_valid_for_the_stacks_kubernetes_version(stac
     version = _version(stack)
     for _, manifest in objects:
         _validate(manifest, version)
-    # What is left out is the monitoring objects and nothing else.
+    # What is left out is the monitoring and KEDA objects and nothing else (their
+    # fields: tests/unit/test_monitoring.py, test_autoscaling.py).
     custom = {m["kind"] for _, m in _run(stack).kubernetes_objects() if kube.is_custom(m)}
-    assert custom <= {"PodMonitoring", "Rules"}, custom
+    assert custom <= {"PodMonitoring", "Rules", "ScaledObject", "TriggerAuthentication"}, custom
 
 
 @pytest.mark.parametrize("version", SUPPORTED_KUBERNETES_VERSIONS)

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from components import kube
-from components.config import load_stack_config
+from components.config import KEDA_CHART_VERSION, load_stack_config
 from tools import plan
 from tools.mockrun import ProgramRun, is_secret, reveal, stack_config, stack_names
 
@@ -174,6 +174,9 @@ def test_every_other_resource_is_written_with_its_inputs(
     run, directory = planned[stack]
     others = [r for r in run.resources if r.custom and not r.type.startswith("kubernetes:")]
     others += run.of_type("pulumi:providers:kubernetes")
+    # A Helm release (KEDA) is written with its inputs: chart, pinned version, values.
+    others += run.helm_releases()
+    assert [r.inputs["version"] for r in run.helm_releases()] == [KEDA_CHART_VERSION]
     written = {
         (d["type"], d["name"]): d
         for d in (yaml.safe_load(p.read_text()) for p in (directory / "resources").glob("*.yaml"))

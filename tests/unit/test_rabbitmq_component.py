@@ -435,12 +435,19 @@ def test_pod_disruption_budget_allows_one_node_down() -> None:
     assert spec == {"maxUnavailable": 1, "selector": {"matchLabels": rabbitmq.selector()}}
 
 
-def test_network_policy_admits_clients_peers_and_scrapers_only() -> None:
+def test_network_policy_admits_clients_peers_scrapers_and_keda_only() -> None:
     config = _config("prod")
     spec = rabbitmq.network_policy(config)["spec"]
     assert spec["podSelector"] == {"matchLabels": rabbitmq.selector()}
     assert spec["policyTypes"] == ["Ingress"]
-    clients, peers, scrapers = spec["ingress"]
+    clients, peers, scrapers, keda = spec["ingress"]
+    # KEDA's namespace reads the management API (queue depth), nothing else.
+    assert keda == {
+        "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "keda"}}}],
+        "ports": [{"protocol": "TCP", "port": 15672}],
+    }
+    without = dataclasses.replace(config, monitor_namespace=None)
+    assert len(rabbitmq.network_policy(without)["spec"]["ingress"]) == 3
     assert clients["from"] == [
         {
             "namespaceSelector": {
