@@ -8,11 +8,14 @@ One small function per object, as in :mod:`components.rabbitmq`:
   families the alerts read, only our vhost), job ``rabbitmq-queues``; a second object
   because one target per pod and path keeps ``up`` one series per pod and job;
 * :func:`rules`: the alert rules (Managed Prometheus ``Rules``, namespaced: GMP
-  evaluates them on the RabbitMQ namespace's metrics only).
+  evaluates them on the RabbitMQ namespace's metrics only);
+* :func:`worker_pod_monitoring` and :func:`worker_rules`: the same for the workers'
+  own counters (app/metrics.py), job ``celery-workers``, in the workers' namespace
+  (not with the prefork pool, whose tasks run in child processes).
 
-The rules are written once, by :func:`rule_groups` (pure): the ``Rules`` object
-carries them and ``tests/unit/test_alert_rules.py`` feeds the same groups to
-``promtool test rules`` with one test per alert. Each alert carries a one-line
+The rules are written once, by :func:`rule_groups` and :func:`worker_rule_groups`
+(pure): the ``Rules`` objects carry them and ``tests/unit/test_alert_rules.py`` feeds
+the same groups to ``promtool test rules`` with one test per alert. Each alert carries a one-line
 runbook (``annotations.runbook``), also in docs/observability.md.
 
 Metric names are the ``rabbitmq_prometheus`` plugin's, read off the pod twin's
@@ -32,8 +35,9 @@ from app.settings import DEFAULT_QUEUE
 from components import kube
 from components.config import MonitoringConfig, StackConfig
 from components.kube import Manifest
-from components.names import RABBITMQ_APP, app_labels, selector_labels
+from components.names import RABBITMQ_APP, WORKER_APP, app_labels, selector_labels
 from components.rabbitmq_conf import DEAD_LETTER_QUEUE
+from components.workers import METRICS_PORT_NAME
 
 API_VERSION = "monitoring.googleapis.com/v1"
 METRICS_JOB = "rabbitmq"
@@ -42,6 +46,8 @@ PROMETHEUS_PORT_NAME = "prometheus"  # the StatefulSet's container port
 #: The per-queue families the rules read (``/metrics/detailed?family=...``).
 QUEUE_FAMILIES = ("queue_coarse_metrics", "queue_consumer_count", "queue_delivery_metrics")
 RULES_NAME = "celery-cluster-alerts"
+WORKERS_JOB = "celery-workers"
+WORKER_RULES_NAME = "celery-worker-alerts"
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,8 @@ class MonitoringArgs:
     queue: str = DEFAULT_QUEUE
     dead_letter_queue: str = DEAD_LETTER_QUEUE
     longest_task_seconds: int = 10
+    # The workers serve app.metrics (every pool but prefork).
+    worker_metrics: bool = True
 
     @classmethod
     def from_stack(cls, config: StackConfig, vhost: str) -> MonitoringArgs:
@@ -66,6 +74,7 @@ class MonitoringArgs:
             replicas=config.rabbitmq.replicas,
             vhost=vhost,
             longest_task_seconds=config.workers.longest_task_seconds,
+            worker_metrics=config.workers.pool != "prefork",
         )
 
 
@@ -73,14 +82,19 @@ class MonitoringArgs:
 
 
 def _pod_monitoring(
-    args: MonitoringArgs, name: str, endpoint: Mapping[str, Any], component: str
+    args: MonitoringArgs,
+    name: str,
+    endpoint: Mapping[str, Any],
+    component: str,
+    app: str = RABBITMQ_APP,
 ) -> Manifest:
+    namespace = args.namespace if app == RABBITMQ_APP else args.workers_namespace
     return {
         "apiVersion": API_VERSION,
         "kind": "PodMonitoring",
-        "metadata": kube.metadata(name, app_labels(RABBITMQ_APP, component), args.namespace),
+        "metadata": kube.metadata(name, app_labels(app, component), namespace),
         "spec": {
-            "selector": {"matchLabels": selector_labels(RABBITMQ_APP)},
+            "selector": {"matchLabels": selector_labels(app)},
             "endpoints": [dict(endpoint)],
         },
     }
@@ -112,6 +126,21 @@ def queue_pod_monitoring(args: MonitoringArgs) -> Manifest:
             "interval": f"{2 * args.monitoring.scrape_interval_seconds}s",
         },
         "queue-metrics",
+    )
+
+
+def worker_pod_monitoring(args: MonitoringArgs) -> Manifest:
+    """The workers' own counters (app/metrics.py), in their namespace."""
+    return _pod_monitoring(
+        args,
+        WORKERS_JOB,
+        {
+            "port": METRICS_PORT_NAME,
+            "path": "/metrics",
+            "interval": f"{args.monitoring.scrape_interval_seconds}s",
+        },
+        "metrics",
+        app=WORKER_APP,
     )
 
 
@@ -259,6 +288,69 @@ def alerts(args: MonitoringArgs) -> list[Alert]:
     ]
 
 
+def worker_alerts(args: MonitoringArgs) -> list[Alert]:
+    """What the workers' own counters say (app/metrics.py)."""
+    longest = args.longest_task_seconds
+    return [
+        Alert(
+            "CeleryWorkerDown",
+            f'up{{job="{WORKERS_JOB}"}} == 0',
+            300,
+            "warning",
+            "Worker pod {{ $labels.pod }} does not answer its metrics scrape",
+            f"kubectl -n {args.workers_namespace} describe pod {{{{ $labels.pod }}}}: "
+            "restarting (liveness), OOMKilled or stuck; its tasks are redelivered to the "
+            "others (late acks)",
+        ),
+        Alert(
+            "CeleryTasksFailing",
+            "sum by (task) (rate(celery_tasks_failed_total[10m])) "
+            "/ clamp_min(sum by (task) (rate(celery_tasks_started_total[10m])), 0.001) > 0.05",
+            600,
+            "warning",
+            "More than 5 % of {{ $labels.task }} tasks raise",
+            f"kubectl -n {args.workers_namespace} logs -l app.kubernetes.io/name={WORKER_APP} "
+            "--tail=500 and read the Tracebacks: a bug or a dependency down; a failed task is "
+            "not retried unless it asks",
+        ),
+        Alert(
+            "CeleryTasksRedelivered",
+            "sum(rate(celery_tasks_redelivered_total[15m])) "
+            "/ clamp_min(sum(rate(celery_tasks_received_total[15m])), 0.001) > 0.1",
+            900,
+            "warning",
+            "Over 10 % of deliveries are redeliveries: workers die holding tasks",
+            f"kubectl -n {args.workers_namespace} get pods: restarts or OOMKilled (raise "
+            "workers.resources.memoryLimit), or spot nodes preempted; each redelivered "
+            "task runs again (at-least-once)",
+        ),
+        Alert(
+            "CeleryTaskRuntimeOverBudget",
+            "histogram_quantile(0.95, sum by (task, le) "
+            f"(rate(celery_task_runtime_seconds_bucket[15m]))) > {longest}",
+            900,
+            "warning",
+            f"The slowest 5 % of {{{{ $labels.task }}}} tasks run over {longest} s "
+            "(workers.longestTaskSeconds)",
+            "the grace period a scale-in or rollout gives a worker is sized on "
+            "workers.longestTaskSeconds: raise it, or find what made the tasks slower; "
+            "a task cut off is redelivered and runs again",
+        ),
+    ]
+
+
+def worker_rule_groups(args: MonitoringArgs) -> list[dict[str, Any]]:
+    """The workers' group, in their namespace (GMP evaluates a namespace's Rules on
+    that namespace's metrics only)."""
+    return [
+        {
+            "name": "celery-workers",
+            "interval": f"{args.monitoring.scrape_interval_seconds}s",
+            "rules": [_alert_rule(alert) for alert in worker_alerts(args)],
+        }
+    ]
+
+
 def rule_groups(args: MonitoringArgs) -> list[dict[str, Any]]:
     """The rule groups, as both ``Rules.spec.groups`` and a Prometheus rule file have them.
 
@@ -292,15 +384,29 @@ def rules(args: MonitoringArgs) -> Manifest:
     }
 
 
+def worker_rules(args: MonitoringArgs) -> Manifest:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "Rules",
+        "metadata": kube.metadata(
+            WORKER_RULES_NAME, app_labels(WORKER_APP, "alerts"), args.workers_namespace
+        ),
+        "spec": {"groups": worker_rule_groups(args)},
+    }
+
+
 def objects(args: MonitoringArgs) -> Sequence[Manifest]:
-    return [rabbitmq_pod_monitoring(args), queue_pod_monitoring(args), rules(args)]
+    found = [rabbitmq_pod_monitoring(args), queue_pod_monitoring(args), rules(args)]
+    if args.worker_metrics:
+        found += [worker_pod_monitoring(args), worker_rules(args)]
+    return found
 
 
 # --- registration -----------------------------------------------------------------
 
 
 class Monitoring(pulumi.ComponentResource):
-    """The PodMonitoring and Rules objects, in RabbitMQ's namespace."""
+    """The PodMonitoring and Rules objects, in RabbitMQ's and the workers' namespaces."""
 
     def __init__(
         self,

@@ -353,6 +353,7 @@ class CeleryWorkers(pulumi.ComponentResource):
         child = pulumi.ResourceOptions(parent=self, provider=provider)
 
         ns = kube.register(f"{name}-namespace", namespace(args), child)
+        self.namespace_object = ns  # what objects placed in this namespace depend on
         in_ns = pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(depends_on=[ns]))
         secret = kube.register(f"{name}-broker", broker_secret(args, broker_urls), in_ns)
         account = kube.register(f"{name}-account", service_account(args), in_ns)

@@ -31,7 +31,7 @@ def _args() -> monitoring.MonitoringArgs:
 
 
 ARGS = _args()
-ALERTS = {a.name: a for a in monitoring.alerts(ARGS)}
+ALERTS = {a.name: a for a in [*monitoring.alerts(ARGS), *monitoring.worker_alerts(ARGS)]}
 POD = [f"rabbitmq-server-{i}" for i in range(ARGS.replicas)]
 WORK = f'vhost="{ARGS.vhost}", queue="{ARGS.queue}"'
 DEAD = f'vhost="{ARGS.vhost}", queue="{ARGS.dead_letter_queue}"'
@@ -47,9 +47,9 @@ def firing(alert: str, value: str | None = None, **labels: str) -> dict[str, Any
     annotations = {"summary": spec.summary, "runbook": spec.runbook}
     if value is not None:
         annotations = {k: v.replace("{{ $value }}", value) for k, v in annotations.items()}
-    if "pod" in labels:
+    for label, text in labels.items():
         annotations = {
-            k: v.replace("{{ $labels.pod }}", labels["pod"]) for k, v in annotations.items()
+            k: v.replace(f"{{{{ $labels.{label} }}}}", text) for k, v in annotations.items()
         }
     return {"exp_labels": {"severity": spec.severity, **labels}, "exp_annotations": annotations}
 
@@ -57,7 +57,8 @@ def firing(alert: str, value: str | None = None, **labels: str) -> dict[str, Any
 def rule_file(tmp: Path) -> Path:
     """The groups the Rules object carries, as a Prometheus rule file."""
     rules = tmp / "rules.yaml"
-    rules.write_text(yaml.safe_dump({"groups": monitoring.rule_groups(ARGS)}, sort_keys=False))
+    groups = [*monitoring.rule_groups(ARGS), *monitoring.worker_rule_groups(ARGS)]
+    rules.write_text(yaml.safe_dump({"groups": groups}, sort_keys=False))
     return rules
 
 
@@ -108,6 +109,7 @@ def test_the_rule_file_is_valid_for_prometheus(tmp_path: Path) -> None:
     assert f"SUCCESS: {len(ALERTS) + len(monitoring.recording_rules(ARGS))} rules found" in (
         done.stdout
     )
+    assert len(monitoring.worker_alerts(ARGS)) == 4
 
 
 def test_a_rabbitmq_pod_that_stops_answering_pages_after_the_grace(tmp_path: Path) -> None:
@@ -246,6 +248,62 @@ def test_unacked_tasks_without_any_ack_warn(tmp_path: Path) -> None:
         "rabbitmq_detailed_queue_messages_acked_total", f'{WORK}, pod="{POD[0]}"', "0+5x60"
     )
     check("CeleryUnackedStuck", "moving", [unacked, moving], [("20m", [])], tmp_path)
+
+
+# --- the workers' own counters (app/metrics.py) ------------------------------------
+
+WORKER = 'job="celery-workers", pod="celery-worker-0"'
+TASK = "app.tasks.count"
+
+
+def test_a_worker_that_stops_answering_warns(tmp_path: Path) -> None:
+    inputs = [series("up", WORKER, "1x3 0x20")]
+    expect = firing("CeleryWorkerDown", job="celery-workers", pod="celery-worker-0")
+    check("CeleryWorkerDown", "worker down", inputs, [("4m", []), ("8m", [expect])], tmp_path)
+
+
+@pytest.mark.parametrize("failed_per_step", [1, 0])
+def test_tasks_that_keep_failing_warn(failed_per_step: int, tmp_path: Path) -> None:
+    # 10 started every 30 s; 1 of them fails (10 % > 5 %), or none does.
+    inputs = [
+        series("celery_tasks_started_total", f'{WORKER}, task="{TASK}"', "0+10x60"),
+        series("celery_tasks_failed_total", f'{WORKER}, task="{TASK}"', f"0+{failed_per_step}x60"),
+    ]
+    expect = [firing("CeleryTasksFailing", task=TASK)] if failed_per_step else []
+    check("CeleryTasksFailing", "failing", inputs, [("5m", []), ("25m", expect)], tmp_path)
+
+
+@pytest.mark.parametrize("redelivered_per_step", [2, 0])
+def test_tasks_delivered_again_and_again_warn(redelivered_per_step: int, tmp_path: Path) -> None:
+    inputs = [
+        series("celery_tasks_received_total", f'{WORKER}, task="{TASK}"', "0+10x80"),
+        series(
+            "celery_tasks_redelivered_total",
+            f'{WORKER}, task="{TASK}"',
+            f"0+{redelivered_per_step}x80",
+        ),
+    ]
+    expect = [firing("CeleryTasksRedelivered")] if redelivered_per_step else []
+    check("CeleryTasksRedelivered", "redelivered", inputs, [("10m", []), ("35m", expect)], tmp_path)
+
+
+@pytest.mark.parametrize("slow", [True, False])
+def test_tasks_running_past_the_longest_task_budget_warn(slow: bool, tmp_path: Path) -> None:
+    # 10 tasks every 30 s, all between 10 and 30 s (over prod's 10 s budget) or under 5 s.
+    assert ARGS.longest_task_seconds == 10
+    under = "0+0x80" if slow else "0+10x80"
+    inputs = [
+        series("celery_task_runtime_seconds_bucket", f'{WORKER}, task="{TASK}", le="{le}"', v)
+        for le, v in (("5", under), ("10", under), ("30", "0+10x80"), ("+Inf", "0+10x80"))
+    ]
+    expect = [firing("CeleryTaskRuntimeOverBudget", task=TASK)] if slow else []
+    check(
+        "CeleryTaskRuntimeOverBudget",
+        "runtime",
+        inputs,
+        [("10m", []), ("35m", expect)],
+        tmp_path,
+    )
 
 
 def test_every_alert_has_a_test_here() -> None:

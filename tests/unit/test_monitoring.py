@@ -51,7 +51,11 @@ def test_rabbitmq_is_scraped_where_its_pods_serve_metrics(stack: str) -> None:
     ports = {
         p["name"]: p["containerPort"] for c in template["spec"]["containers"] for p in c["ports"]
     }
-    found = {m["metadata"]["name"]: m for m in _custom(stack, "PodMonitoring")}
+    found = {
+        m["metadata"]["name"]: m
+        for m in _custom(stack, "PodMonitoring")
+        if m["metadata"]["namespace"] == statefulset["metadata"]["namespace"]
+    }
     assert set(found) == {monitoring.METRICS_JOB, monitoring.QUEUES_JOB}
     for name, pm in found.items():
         assert pm["apiVersion"] == "monitoring.googleapis.com/v1"
@@ -75,13 +79,56 @@ def test_rabbitmq_is_scraped_where_its_pods_serve_metrics(stack: str) -> None:
 
 
 @pytest.mark.parametrize("stack", STACKS)
-def test_the_rules_object_carries_the_groups_promtool_tests(stack: str) -> None:
-    (rules,) = _custom(stack, "Rules")
+def test_the_workers_are_scraped_where_their_pods_serve_metrics(stack: str) -> None:
+    deployment = _run(stack).kubernetes_object("Deployment")
+    template = deployment["spec"]["template"]
+    (container,) = template["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    (pm,) = [
+        m
+        for m in _custom(stack, "PodMonitoring")
+        if m["metadata"]["namespace"] == deployment["metadata"]["namespace"]
+    ]
+    assert pm["metadata"]["name"] == monitoring.WORKERS_JOB
+    assert set(pm["spec"]) <= POD_MONITORING_SPEC
+    selector = pm["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= template["metadata"]["labels"].items()
+    assert selector == deployment["spec"]["selector"]["matchLabels"]
+    (endpoint,) = pm["spec"]["endpoints"]
+    assert set(endpoint) <= ENDPOINT and endpoint["path"] == "/metrics"
+    # The named port is where app.metrics listens: the port the env hands the worker.
+    assert str(int(ports[endpoint["port"]])) == env["CELERY_METRICS_PORT"] == "9808"
+
+
+def test_prefork_workers_get_no_metrics_objects() -> None:
+    raw = stack_config("prod")
+    raw["celery-cluster:workers"] = {**raw["celery-cluster:workers"], "pool": "prefork"}
+    run = run_program(raw, "prod")
+    assert run.error is None, run.error
+    names = {m["metadata"]["name"] for _, m in run.kubernetes_objects()}
+    assert not names & {monitoring.WORKERS_JOB, monitoring.WORKER_RULES_NAME}
+    (container,) = run.kubernetes_object("Deployment")["spec"]["template"]["spec"]["containers"]
+    assert "ports" not in container
+    assert "CELERY_METRICS_PORT" not in {e["name"] for e in container["env"]}
+
+
+@pytest.mark.parametrize("stack", STACKS)
+@pytest.mark.parametrize("which", ["rabbitmq", "workers"])
+def test_each_rules_object_carries_the_groups_promtool_tests(stack: str, which: str) -> None:
     config = load_stack_config(stack_config(stack), stack)
     args = monitoring.MonitoringArgs.from_stack(config, "celery")
+    namespace, groups, alerts = {
+        "rabbitmq": (config.rabbitmq.namespace, monitoring.rule_groups, monitoring.alerts),
+        "workers": (
+            config.workers.namespace,
+            monitoring.worker_rule_groups,
+            monitoring.worker_alerts,
+        ),
+    }[which]
+    (rules,) = [r for r in _custom(stack, "Rules") if r["metadata"]["namespace"] == namespace]
     assert rules["apiVersion"] == "monitoring.googleapis.com/v1"
-    assert rules["metadata"]["namespace"] == config.rabbitmq.namespace
-    assert rules["spec"] == {"groups": monitoring.rule_groups(args)}
+    assert rules["spec"] == {"groups": groups(args)}
     names = []
     for group in rules["spec"]["groups"]:
         assert set(group) <= GROUP and DURATION.match(group["interval"])
@@ -96,7 +143,7 @@ def test_the_rules_object_carries_the_groups_promtool_tests(stack: str) -> None:
                 assert rule["labels"]["severity"] in ("critical", "warning")
                 # A runbook line on every alert, the same as in the docs.
                 assert len(rule["annotations"]["runbook"]) > 40, rule
-    assert len(names) == len(set(names)) == len(monitoring.alerts(args))
+    assert len(names) == len(set(names)) == len(alerts(args))
 
 
 @pytest.mark.parametrize("stack", STACKS)
@@ -166,7 +213,8 @@ def test_the_docs_carry_every_runbook_as_the_prod_stack_renders_it() -> None:
 
     docs = (Path(__file__).parents[2] / "docs" / "observability.md").read_text()
     config = load_stack_config(stack_config("prod"), "prod")
-    for alert in monitoring.alerts(monitoring.MonitoringArgs.from_stack(config, "celery")):
+    args = monitoring.MonitoringArgs.from_stack(config, "celery")
+    for alert in [*monitoring.alerts(args), *monitoring.worker_alerts(args)]:
         row = f"| `{alert.name}` | {alert.severity} |"
         assert row in docs, row
         assert alert.runbook in docs, alert.name
