@@ -45,7 +45,7 @@ if config.monitoring.managed_prometheus:
         "monitoring",
         MonitoringArgs.from_stack(config, VHOST),
         provider,
-        pulumi.ResourceOptions(depends_on=[rabbitmq.namespace_object]),
+        pulumi.ResourceOptions(depends_on=[rabbitmq.namespace_object, workers.namespace_object]),
     )
 
 pulumi.export("broker_urls", rabbitmq.broker_urls)
