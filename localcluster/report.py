@@ -30,12 +30,14 @@ from app import ledger
 
 if TYPE_CHECKING:
     from localcluster.faults import FaultRecord
+    from localcluster.prometheus import AlertInterval
 
 __all__ = [
     "Event",
     "LedgerTail",
     "RunFacts",
     "Timeline",
+    "alerts_section",
     "build_report",
     "completions_per_second",
     "longest_gap",
@@ -233,6 +235,11 @@ class RunFacts:
     logs: str
     #: (time, tasks confirmed so far), each time the scheduler's count grew.
     confirms: Sequence[tuple[float, int]] = ()
+    #: Every stretch an alert fired, as the run's Prometheus evaluated the rules (None: no
+    #: Prometheus ran, or it could not be read).
+    alerts: Sequence[AlertInterval] | None = None
+    #: What that Prometheus was: its version, the rule parameters it ran with, an error.
+    prometheus: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -247,6 +254,8 @@ class Timeline:
     gap: tuple[float, float | None]
     title: str
     gap_label: str
+    #: (alert, its labels, fired, resolved or None: still firing), as the report lists them.
+    alerts: Sequence[tuple[str, str, float, float | None]] = ()
 
 
 def _finishes_by_worker(events: Iterable[Event]) -> dict[str, list[float]]:
@@ -260,6 +269,42 @@ def _finishes_by_worker(events: Iterable[Event]) -> dict[str, list[float]]:
 
 def _between(marks: Mapping[str, float], a: str, b: str) -> float | None:
     return round(marks[b] - marks[a], 2) if a in marks and b in marks else None
+
+
+def _after(moment: float | None, since: float | None) -> float | None:
+    return None if moment is None or since is None else round(moment - since, 2)
+
+
+def alerts_section(
+    intervals: Sequence[AlertInterval], fault: FaultRecord, begin: float
+) -> list[dict[str, Any]]:
+    """Each alert that fired during the batch (from ``begin``; one that resolved before it
+    was an earlier batch's or the boot's): when it fired after the fault was injected,
+    when it resolved after the broken part was restarted and after it was back (None:
+    still firing when the run ended), and the same from ``begin``."""
+    found = []
+    for a in sorted(intervals, key=lambda a: (a.fired, a.alert)):
+        if a.resolved is not None and a.resolved <= begin:
+            continue
+        found.append(
+            {
+                "alert": a.alert,
+                "severity": a.severity,
+                "labels": dict(a.labels),
+                "fired_after_fault_s": _after(a.fired, fault.injected),
+                "resolved_after_restart_s": _after(a.resolved, fault.restarted),
+                "resolved_after_back_s": _after(a.resolved, fault.back),
+                "firing_s": _after(a.resolved, a.fired),
+                "fired_s": _after(a.fired, begin),
+                "resolved_s": _after(a.resolved, begin),
+            }
+        )
+    return found
+
+
+def _alert_label(alert: Mapping[str, Any]) -> str:
+    labels = ", ".join(f"{k}={v}" for k, v in sorted(alert["labels"].items()))
+    return f"{alert['alert']}{{{labels}}}" if labels else alert["alert"]
 
 
 def build_report(facts: RunFacts) -> tuple[dict[str, Any], Timeline]:
@@ -317,6 +362,7 @@ def build_report(facts: RunFacts) -> tuple[dict[str, Any], Timeline]:
         else round(longest_gap([fault_at, *(t for t in confirm_times if t >= fault_at)])[0], 3)
     )
     gap_label = "longest gap" if fault_at is None else "failover gap"
+    fired = None if facts.alerts is None else alerts_section(facts.alerts, record, begin)
     report: dict[str, Any] = {
         "status": facts.status,
         "fault": record.kind,
@@ -344,6 +390,7 @@ def build_report(facts: RunFacts) -> tuple[dict[str, Any], Timeline]:
         },
         "duration_s": round(end - begin, 2),
         "fault_detail": detail,
+        "alerts": {**facts.prometheus, "fired": fired},
         "marks_s": {k: round(v - begin, 2) for k, v in sorted(marks.items(), key=lambda kv: kv[1])},
         "params": dict(params),
         "timings_s": {
@@ -372,6 +419,15 @@ def build_report(facts: RunFacts) -> tuple[dict[str, Any], Timeline]:
         gap=gap,
         title=title,
         gap_label=gap_label,
+        alerts=[
+            (
+                _alert_label(a),
+                a["severity"],
+                begin + a["fired_s"],
+                None if a["resolved_s"] is None else begin + a["resolved_s"],
+            )
+            for a in fired or []
+        ],
     )
     return report, timeline
 
@@ -476,9 +532,14 @@ def utc_now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
+#: Bar colours of the alerts' rows, by severity.
+SEVERITY_COLORS = {"critical": "#c44e52", "warning": "#dd8452"}
+
+
 def plot_timeline(path: str | os.PathLike[str], timeline: Timeline) -> None:
     """Completions per second (unique, and re-executions on top), the fault,
-    the restart and the rejoin marked, the gap (seconds, start) hatched."""
+    the restart and the rejoin marked, the gap (seconds, start) hatched; below, a row
+    per alert that fired, a bar while it fired."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -489,7 +550,18 @@ def plot_timeline(path: str | os.PathLike[str], timeline: Timeline) -> None:
     every = completions_per_second(timeline.all_finishes, begin, end)
     again = [e - u for e, u in zip(every, unique, strict=True)]
     xs = list(range(len(unique)))
-    fig, ax = plt.subplots(figsize=(13, 4.5), dpi=100)
+    rows = list(dict.fromkeys(label for label, *_ in timeline.alerts))
+    if rows:
+        fig, (ax, alert_ax) = plt.subplots(
+            2,
+            1,
+            figsize=(13, 4.5 + 0.3 * len(rows)),
+            dpi=100,
+            sharex=True,
+            gridspec_kw={"height_ratios": [4.5, 0.6 + 0.3 * len(rows)]},
+        )
+    else:
+        fig, ax = plt.subplots(figsize=(13, 4.5), dpi=100)
     try:
         ax.bar(xs, unique, width=1.0, align="edge", color="#4c72b0", label="completed (first time)")
         if any(again):
@@ -524,8 +596,11 @@ def plot_timeline(path: str | os.PathLike[str], timeline: Timeline) -> None:
                 label=f"{timeline.gap_label} {seconds:.2f} s",
             )
         ax.set_xlim(0, len(unique))
-        ax.set_xlabel("seconds since publishing started")
         ax.set_ylabel("tasks completed per second")
+        if rows:
+            _plot_alerts(alert_ax, timeline, rows)
+        else:
+            ax.set_xlabel("seconds since publishing started")
         ax.set_title(title)
         ax.set_ylim(0, max([*every, 1]) * 1.1)
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
@@ -534,3 +609,25 @@ def plot_timeline(path: str | os.PathLike[str], timeline: Timeline) -> None:
         fig.savefig(path, format="png")
     finally:
         plt.close(fig)
+
+
+def _plot_alerts(ax: Any, timeline: Timeline, rows: list[str]) -> None:
+    """A row per alert (and label set), a bar from firing to resolved (or the end)."""
+    begin, end = timeline.begin, timeline.end
+    for label, severity, fired, resolved in timeline.alerts:
+        row = rows.index(label)
+        stop = end if resolved is None else resolved
+        ax.broken_barh(
+            [(fired - begin, max(stop - fired, 0.1))],
+            (row - 0.35, 0.7),
+            color=SEVERITY_COLORS.get(severity, "#8172b3"),
+        )
+    for key, color in (("fault", "red"), ("restart", "orange"), ("rejoin", "green")):
+        if key in timeline.marks:
+            ax.axvline(timeline.marks[key] - begin, color=color, lw=1, alpha=0.6)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels(rows, fontsize="small")
+    ax.set_ylim(-0.6, len(rows) - 0.4)
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds since publishing started (bars: alert firing, Prometheus)")
+    ax.grid(axis="x", alpha=0.3)

@@ -4,8 +4,10 @@ fault, the numbers.
 1. renders the prod stack with the run's options (worker replicas and concurrency, the
    scheduler Job's tasks) and boots its RabbitMQ StatefulSet as three pods (the pod
    twin: :mod:`localcluster.twin`), clustered by Kubernetes peer discovery;
-2. starts the worker Deployment's replicas as pods, all writing one ledger on a
-   directory the run shares with its pods (``TASK_LEDGER``);
+2. starts the run's Prometheus (:mod:`localcluster.prometheus`: Debian's prometheus as
+   a pod, scraping the RabbitMQ pods as the PodMonitorings say, the alert rules at the
+   twin's size) and the worker Deployment's replicas as pods, all writing one ledger on
+   a directory the run shares with its pods (``TASK_LEDGER``);
 3. runs the scheduler Job's pod: it publishes ``--tasks`` ``count`` tasks and writes
    the ids RabbitMQ confirmed;
 4. once ``--fault-at`` of them completed, injects ``--fault`` (:mod:`localcluster.faults`:
@@ -16,8 +18,9 @@ fault, the numbers.
 6. removes everything the run made (pods, namespaces, bridge, cgroups, mounts,
    directories; also on failure, Ctrl-C or SIGTERM) and checks that nothing is left,
    then prints the report and writes ``report.json`` and ``timeline.png`` to ``--out``
-   (:func:`localcluster.report.build_report`, a pure function). The ledger, the ids
-   and every pod's log are kept in ``--out``/logs.
+   (:func:`localcluster.report.build_report`, a pure function), with the alerts that
+   fired (read from Prometheus just before it is removed). The ledger, the ids and
+   every pod's log (Prometheus' too) are kept in ``--out``/logs.
 
 Exit status: 0 when every confirmed task completed and nothing was left behind; 1 if
 a task was lost; 2 on an error (the report says which); 130 when interrupted.
@@ -42,7 +45,7 @@ from urllib.parse import unquote, urlsplit
 
 from app import ledger
 from app.settings import DEFAULT_QUEUE, ENV_QUEUE
-from localcluster import twin, twin_engine
+from localcluster import prometheus, twin, twin_engine
 from localcluster.cli_types import (
     fraction,
     non_negative_float,
@@ -118,6 +121,10 @@ class LocalRun:
         self._watching = threading.Event()
         #: With ``--repeat``: each finished batch's report and timeline.
         self.finished: list[tuple[dict[str, Any], Timeline]] = []
+        #: The run's Prometheus (a pod of the twin), what it was and what fired.
+        self.prometheus: prometheus.RunPrometheus | None = None
+        self.prometheus_info: dict[str, Any] = {}
+        self.alerts: list[prometheus.AlertInterval] | None = None
 
     # ------------------------------------------------------- the fault's context
     def say(self, message: str) -> None:
@@ -264,16 +271,14 @@ class LocalRun:
         args = self.args
         stack = twin_engine.STACK
         self.say(f"rendering stack {stack} and booting its RabbitMQ StatefulSet as pods")
-        self.twin = twin.StatefulSetTwin(
+        run_overrides = twin_engine.overrides(
             stack,
-            overrides=twin_engine.overrides(
-                stack,
-                workers=args.workers,
-                concurrency=args.concurrency,
-                tasks=args.tasks,
-                task_seconds=args.task_seconds,
-            ),
+            workers=args.workers,
+            concurrency=args.concurrency,
+            tasks=args.tasks,
+            task_seconds=args.task_seconds,
         )
+        self.twin = twin.StatefulSetTwin(stack, overrides=run_overrides)
         self.nodes = RabbitPods(self.twin)
         self.workers = PodWorkers(self.twin, args.task_seconds)
         worker_env = self.twin.worker_env()
@@ -285,13 +290,14 @@ class LocalRun:
         self.nodes.start()
         self.marks["cluster_ready"] = time.time()
         ready = {n: round(p.wait_ready(0), 1) for n, p in self.twin.pods.items()}
+        adaptation = self._start_prometheus(stack, run_overrides)
         self.twin_info = {
             "stack": stack,
             "rabbitmq_version": self.nodes.version,
             "run_id": self.twin.run_id,
             "pods_ready_s": ready,
             "mounted_files_sha256": self.nodes.mounted_files(),
-            "adaptations": self.twin.adaptations,
+            "adaptations": {**self.twin.adaptations, **adaptation},
         }
         self.say(
             f"run {self.twin.run_id}: RabbitMQ {self.nodes.version} pods Ready after {ready} s, "
@@ -304,6 +310,47 @@ class LocalRun:
             f"{len(started)} worker pods Ready ({args.concurrency} threads each, "
             "broker list rotated by pod name)"
         )
+        if self.prometheus is not None:
+            waited = self.prometheus.wait_scraping()
+            self.say(f"Prometheus scrapes every RabbitMQ pod ({waited:.1f} s more)")
+
+    def _start_prometheus(self, stack: str, overrides: dict[str, Any]) -> dict[str, str]:
+        """The run's Prometheus, once the RabbitMQ pods are Ready: the rules at the twin's
+        size (returned as the adaptation the report lists)."""
+        assert self.twin is not None
+        args, stack_monitoring = prometheus.monitoring_args(stack, overrides, self.vhost)
+        self.prometheus = prometheus.RunPrometheus(self.twin, args)
+        took = self.prometheus.start()
+        sized = args.monitoring
+        self.prometheus_info = {
+            "prometheus": self.prometheus.version,
+            "scrape_interval_s": sized.scrape_interval_seconds,
+            "evaluation_interval_s": self.prometheus.evaluation_seconds,
+            "node_down_for_s": sized.node_down_seconds,
+            "started_s": round(took, 2),
+        }
+        self.say(
+            f"Prometheus {self.prometheus.version} Ready after {took:.1f} s at "
+            f"{self.prometheus.url} (scrape and evaluation every "
+            f"{sized.scrape_interval_seconds} s, RabbitMQNodeDown after "
+            f"{sized.node_down_seconds} s)"
+        )
+        return {"Managed Prometheus": prometheus.twin_adaptation(stack_monitoring, sized)}
+
+    def read_alerts(self) -> None:
+        """What fired so far, from the run's Prometheus while it runs (kept for the
+        report once :meth:`close` removed it)."""
+        if self.prometheus is None:
+            return
+        if not self.prometheus.running():
+            self.prometheus_info["error"] = "not running (its log: logs/prometheus.log)"
+            return
+        since = self.marks.get("begin", time.time())
+        try:
+            self.alerts = self.prometheus.alerts(since)
+            self.prometheus_info.pop("error", None)
+        except (OSError, ValueError, KeyError, prometheus.PrometheusError) as exc:
+            self.prometheus_info["error"] = f"reading the alerts: {exc!r}"
 
     def _count_confirms(self, stop: threading.Event, every: float = 0.2) -> None:
         """When the scheduler's confirmed count grew (its ids file), until it exits."""
@@ -345,14 +392,18 @@ class LocalRun:
         if self.twin is None:
             return []
         problems: list[str] = []
+        self.read_alerts()
+        if "error" in self.prometheus_info:
+            problems.append(f"Prometheus: {self.prometheus_info['error']}")
         try:
             self._keep_files()
         except Exception as exc:
             problems.append(f"keeping the ledger: {exc}")
         try:
-            self.twin.close()
+            self.twin.close()  # the Prometheus pod too: killed by PID, its TSDB removed
         except (OSError, twin.TwinError) as exc:
             problems.append(f"removing the pods: {exc}")
+        self.prometheus = None
         self.leftovers = {k: v for k, v in self.twin.leftovers().items() if v}
         if self.leftovers:
             problems.append(f"left behind: {self.leftovers}")
@@ -363,6 +414,7 @@ class LocalRun:
         """What the (last) batch measured: its ids, and the ledger without the lines of
         earlier batches (read live, or from the files :meth:`close` kept)."""
         args = self.args
+        self.read_alerts()
         ids_file, ledger_file = self.ids_path, self.ledger_path
         lines = ledger_file.read_text(errors="replace").splitlines() if ledger_file.exists() else []
         if self.earlier_ids:
@@ -393,6 +445,8 @@ class LocalRun:
             leftovers=self.leftovers,
             logs=str(self.logs),
             confirms=list(self.confirms),
+            alerts=None if self.alerts is None else list(self.alerts),
+            prometheus=dict(self.prometheus_info),
         )
 
 

@@ -662,10 +662,24 @@ class StatefulSetTwin:
     ) -> pods.Pod:
         files = self.files(name)
         spec = python_pod(self.rendered, workload, name, files, self.hosts, extra_env, extra_args)
-        pod = pods.Pod(spec, self.network, files.pod_dir)
-        self.extra_pods[name] = pod
+        return self.start_extra_pod(spec)
+
+    def start_extra_pod(self, spec: pods.PodSpec) -> pods.Pod:
+        """A pod beside the StatefulSet's (a Celery pod, the run's Prometheus), on the run's
+        network and in its cgroups: :meth:`close` removes it, :meth:`leftovers` counts its
+        processes and :func:`sweep_stale_runs` kills them if the run dies."""
+        if spec.name in self.extra_pods:
+            raise TwinError(f"the run already has a pod {spec.name}")
+        pod = pods.Pod(spec, self.network, self.files(spec.name).pod_dir)
+        self.extra_pods[spec.name] = pod
         pod.start()
         return pod
+
+    def remove_extra_pod(self, name: str) -> None:
+        """Kill a pod :meth:`start_extra_pod` started (by PID: its cgroup) and remove it."""
+        pod = self.extra_pods.pop(name, None)
+        if pod is not None:
+            pod.remove()
 
     @property
     def deployment(self) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import pytest
 
 from app.ledger import FINISH, START, append_record
 from localcluster.faults import FAULTS, FaultRecord
+from localcluster.prometheus import AlertInterval
 from localcluster.report import (
     LedgerTail,
     RunFacts,
@@ -306,3 +307,43 @@ def test_down_seconds_is_one_value_or_a_sweep(capsys: pytest.CaptureFixture[str]
         with pytest.raises(SystemExit):
             parse_args(["--down-seconds", bad])
         assert "non-negative numbers separated by commas" in capsys.readouterr().err
+
+
+def test_the_report_lists_the_alerts_that_fired_around_the_fault(tmp_path: Path) -> None:
+    lines = [line(FINISH, t, "celery@w0", 101.0 + i) for i, t in enumerate("abc")]
+    record = FaultRecord("broker-kill", injected=104.0, restarted=105.0, back=125.0)
+    alerts = [
+        # The boot's (before publishing began at 100): not this batch's.
+        AlertInterval("RabbitMQNodeDown", "critical", {}, 92.0, 95.0),
+        AlertInterval("RabbitMQNodeDown", "critical", {}, 107.0, 112.5),
+        AlertInterval("RabbitMQNodeNotClustered", "critical", {"pod": "p0"}, 106.5, 111.0),
+        AlertInterval("CeleryNoConsumer", "critical", {}, 126.0, None),  # firing at the end
+    ]
+    info = {"prometheus": "2.42.0+ds-5+deb12u1", "node_down_for_s": 2}
+    report, timeline = build_report(facts(record, lines, alerts=alerts, prometheus=info))
+    section = report["alerts"]
+    assert section["prometheus"] == "2.42.0+ds-5+deb12u1" and section["node_down_for_s"] == 2
+    fired = section["fired"]
+    assert [(a["alert"], a["labels"]) for a in fired] == [
+        ("RabbitMQNodeNotClustered", {"pod": "p0"}),
+        ("RabbitMQNodeDown", {}),
+        ("CeleryNoConsumer", {}),
+    ]
+    down = fired[1]
+    assert down["fired_after_fault_s"] == 3.0 and down["firing_s"] == 5.5
+    assert down["resolved_after_restart_s"] == 7.5 and down["resolved_after_back_s"] == -12.5
+    assert down["fired_s"] == 7.0 and down["resolved_s"] == 12.5
+    still = fired[2]
+    assert still["resolved_after_restart_s"] is None and still["firing_s"] is None
+    json.dumps(report)
+    assert timeline.alerts[0] == ("RabbitMQNodeNotClustered{pod=p0}", "critical", 106.5, 111.0)
+    assert timeline.alerts[2][3] is None
+    out = tmp_path / "t.png"
+    plot_timeline(out, timeline)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # No Prometheus (or unreadable): no list, not an empty one.
+    report, timeline = build_report(facts(record, lines))
+    assert report["alerts"] == {"fired": None} and timeline.alerts == []
+    # A run without a fault: nothing to be relative to.
+    report, _ = build_report(facts(FaultRecord("none"), lines, alerts=alerts[1:2]))
+    assert report["alerts"]["fired"][0]["fired_after_fault_s"] is None
