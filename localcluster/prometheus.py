@@ -205,10 +205,9 @@ def monitoring_args(
 ) -> tuple[monitoring.MonitoringArgs, MonitoringConfig]:
     """The stack's MonitoringArgs at the twin's size, and the stack's own config."""
     config = load_stack_config({**stack_config(stack), **overrides}, stack)
-    args = monitoring.MonitoringArgs.from_stack(config, vhost)
-    return dataclasses.replace(args, monitoring=twin_monitoring(config.monitoring)), (
-        config.monitoring
-    )
+    shipped = monitoring.MonitoringArgs.from_stack(config, vhost)
+    sized = dataclasses.replace(shipped, monitoring=twin_monitoring(config.monitoring))
+    return sized, config.monitoring
 
 
 # --- what fired (pure) ------------------------------------------------------------------
@@ -350,7 +349,8 @@ class RunPrometheus:
             folder.mkdir(parents=True, exist_ok=True)
         (config_dir / "prometheus.yml").write_text(self.config_text())
         (config_dir / RULE_FILE).write_text(rule_file(self.args))
-        for path in (config_dir, *config_dir.iterdir(), data_dir):
+        # Its user reads the config and owns the TSDB.
+        for path in (config_dir, *config_dir.iterdir()):
             path.chmod(0o755 if path.is_dir() else 0o644)
         data_dir.chmod(0o700)
         os.chown(data_dir, UID, GID)
