@@ -23,10 +23,17 @@ ADDRESSES = ["10.244.9.2", "10.244.9.3", "10.244.9.4"]
 
 
 def _rendered(runs: dict[str, ProgramRun]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The prod stack's StatefulSet and PodMonitorings (the session's run under mocks)."""
+    """The prod stack's StatefulSet and the PodMonitorings of its namespace (the session's
+    run under mocks). The workers' PodMonitoring is not mirrored: the twin's Prometheus
+    scrapes RabbitMQ (the worker metrics: tests/integration/test_metrics_endpoint.py)."""
     objects = [reveal(m) for _, m in runs[STACK].kubernetes_objects()]
     (statefulset,) = [o for o in objects if o["kind"] == "StatefulSet"]
-    return statefulset, [o for o in objects if o["kind"] == "PodMonitoring"]
+    namespace = statefulset["metadata"]["namespace"]
+    return statefulset, [
+        o
+        for o in objects
+        if o["kind"] == "PodMonitoring" and o["metadata"]["namespace"] == namespace
+    ]
 
 
 def _args() -> tuple[monitoring.MonitoringArgs, MonitoringConfig]:
