@@ -48,7 +48,8 @@ def test_every_metric_the_rules_read_is_served_by_rabbitmq(rabbit_twin: Stateful
     monitorings = {
         m["metadata"]["name"]: m["spec"]["endpoints"][0]
         for _, m in run.kubernetes_objects()
-        if m["kind"] == "PodMonitoring"
+        # RabbitMQ's (the workers' one: the test below)
+        if m["kind"] == "PodMonitoring" and m["metadata"]["namespace"] == "rabbitmq"
     }
     statefulset = run.kubernetes_object("StatefulSet")
     (container,) = statefulset["spec"]["template"]["spec"]["containers"]
