@@ -30,6 +30,7 @@ import pytest
 from amqp.exceptions import AccessRefused
 from kombu import Connection, Exchange, Queue
 
+from components.rabbitmq import MONITOR_USERNAME
 from components.rabbitmq_conf import supports_partition_handling
 from localcluster import rootfs, twin
 from localcluster.twin import StatefulSetTwin
@@ -145,15 +146,17 @@ def test_partitions_are_khepris_raft_majority_not_a_config_key(
     assert sorted(row["Raft State"] for row in store) == ["follower", "follower", "leader"]
 
 
-def test_app_user_exists_and_guest_does_not(rabbit_twin: StatefulSetTwin) -> None:
+def test_app_and_keda_users_exist_and_guest_does_not(rabbit_twin: StatefulSetTwin) -> None:
     secret = _secret(rabbit_twin)
     username, password, vhost = secret["username"], secret["password"], secret["vhost"]
     users = {
         str(row["user"]): row
         for row in _json(rabbit_twin.rabbitmqctl(0, "list_users", "--formatter", "json"))
     }
-    assert set(users) == {username}
+    # The application's user, and KEDA's (the prod stack autoscales): nobody else.
+    assert set(users) == {username, MONITOR_USERNAME}
     assert users[username]["tags"] == ["management"]
+    assert users[MONITOR_USERNAME]["tags"] == ["management"]
     # The password (hashed into the definitions) works over AMQP, on every pod.
     urls = rabbit_twin.broker_urls(by_address=True)
     assert len(urls) == len(rabbit_twin.pod_names)
@@ -168,7 +171,10 @@ def test_app_user_exists_and_guest_does_not(rabbit_twin: StatefulSetTwin) -> Non
     perms = _json(
         rabbit_twin.rabbitmqctl(0, "list_permissions", "-p", vhost, "--formatter", "json")
     )
-    assert perms == [{"user": username, "configure": ".*", "write": ".*", "read": ".*"}]
+    assert sorted(perms, key=lambda p: str(p["user"])) == [
+        {"user": username, "configure": ".*", "write": ".*", "read": ".*"},
+        {"user": MONITOR_USERNAME, "configure": "", "write": "", "read": ""},
+    ]
 
 
 def test_definitions_were_imported(rabbit_twin: StatefulSetTwin) -> None:
