@@ -311,6 +311,9 @@ class MonitoringConfig:
     #: A RabbitMQ pod missing (or cut off from its peers) this long pages. A pod
     #: replaced by its StatefulSet is back in ~1 min: longer than that is not a restart.
     node_down_seconds: int = 120
+    #: A worker pod not answering its metrics scrape this long warns (``CeleryWorkerDown``):
+    #: longer than a worker's restart (a killed container is back in seconds).
+    worker_down_seconds: int = 300
     #: The backlog grew for this long: workers fall behind.
     backlog_window_seconds: int = 900
     #: A task queued now would wait longer than this at the current completion rate.
@@ -625,6 +628,7 @@ def _check_rabbitmq_memory(rmq: RabbitmqConfig, production: bool) -> None:
 MONITORING_SECONDS = {
     "scrape_interval_seconds": (5, 300),
     "node_down_seconds": (0, 3600),
+    "worker_down_seconds": (0, 3600),
     "backlog_window_seconds": (120, 86_400),
     "backlog_wait_seconds": (10, 86_400),
 }

@@ -295,7 +295,7 @@ def worker_alerts(args: MonitoringArgs) -> list[Alert]:
         Alert(
             "CeleryWorkerDown",
             f'up{{job="{WORKERS_JOB}"}} == 0',
-            300,
+            args.monitoring.worker_down_seconds,
             "warning",
             "Worker pod {{ $labels.pod }} does not answer its metrics scrape",
             f"kubectl -n {args.workers_namespace} describe pod {{{{ $labels.pod }}}}: "

@@ -172,6 +172,7 @@ def test_without_managed_prometheus_no_monitoring_object_is_made() -> None:
     [
         ("scrapeIntervalSeconds", 1, "an integer from 5 to 300"),
         ("nodeDownSeconds", -1, "an integer from 0 to 3600"),
+        ("workerDownSeconds", 3601, "an integer from 0 to 3600"),
         ("backlogWindowSeconds", 60, "an integer from 120 to 86400"),
         ("backlogWaitSeconds", "600", "an integer"),
         ("managedPrometheus", "yes", "true or false"),
@@ -195,13 +196,22 @@ def test_a_backlog_window_shorter_than_two_queue_scrapes_is_refused() -> None:
 
 def test_the_alert_windows_follow_the_stack() -> None:
     raw = stack_config("prod")
-    raw["celery-cluster:monitoring"] = {"nodeDownSeconds": 300, "backlogWaitSeconds": 60}
+    raw["celery-cluster:monitoring"] = {
+        "nodeDownSeconds": 300,
+        "workerDownSeconds": 90,
+        "backlogWaitSeconds": 60,
+    }
     raw["celery-cluster:workers"] = {**raw["celery-cluster:workers"], "longestTaskSeconds": 900}
     config = load_stack_config(raw, "prod")
     alerts = {
         a.name: a for a in monitoring.alerts(monitoring.MonitoringArgs.from_stack(config, "v"))
     }
     assert alerts["RabbitMQNodeDown"].for_seconds == 300
+    worker_alerts = {
+        a.name: a
+        for a in monitoring.worker_alerts(monitoring.MonitoringArgs.from_stack(config, "v"))
+    }
+    assert worker_alerts["CeleryWorkerDown"].for_seconds == 90
     assert alerts["CeleryBacklogWaitHigh"].expr.endswith("> 60")
     # A 15-minute task may hold its message that long: twice that before "stuck".
     assert alerts["CeleryUnackedStuck"].for_seconds == 1800
