@@ -376,6 +376,7 @@ class WorkerPodFault:
                 victim.kill()
                 record.detail["exit_status"] = "killed after timeout"
             record.detail["stop_s"] = round(time.time() - record.injected, 2)
+            run.workers.deleted(victim)
             run.set_phase(f"{victim.name} DEAD")
         else:
             victim.kill()  # every process of the pod: no warm shutdown, no ack
@@ -384,8 +385,7 @@ class WorkerPodFault:
         run.set_phase(f"{victim.name} replaced")
         record.restarted = time.time()
         # A new name, as Kubernetes gives a replacement pod (and a fresh log).
-        replacement = run.workers.replace(victim, f"{victim.name}r")
-        replacement.wait_ready(60)
+        replacement = run.workers.replace(victim, f"{victim.name}r")  # Ready
         record.back = time.time()
         record.detail["replacement"] = replacement.name
         run.say(f"replacement worker pod {replacement.name} Ready after {record.rejoin_s} s")
@@ -542,8 +542,7 @@ class MachineLoss:
         run.set_phase(f"{victim.name} replaced")
         record.restarted = time.time()
         victim.kill()
-        replacement = run.workers.replace(victim, f"{victim.name}r")
-        replacement.wait_ready(60)
+        replacement = run.workers.replace(victim, f"{victim.name}r")  # Ready
         record.back = time.time()
         record.detail["replacement"] = replacement.name
         run.say(

@@ -5,9 +5,9 @@ fault, the numbers.
    scheduler Job's tasks) and boots its RabbitMQ StatefulSet as three pods (the pod
    twin: :mod:`localcluster.twin`), clustered by Kubernetes peer discovery;
 2. starts the run's Prometheus (:mod:`localcluster.prometheus`: Debian's prometheus as
-   a pod, scraping the RabbitMQ pods as the PodMonitorings say, the alert rules at the
-   twin's size) and the worker Deployment's replicas as pods, all writing one ledger on
-   a directory the run shares with its pods (``TASK_LEDGER``);
+   a pod, scraping the RabbitMQ pods and the worker pods as the PodMonitorings say, the
+   alert rules at the twin's size) and the worker Deployment's replicas as pods, all
+   writing one ledger on a directory the run shares with its pods (``TASK_LEDGER``);
 3. runs the scheduler Job's pod: it publishes ``--tasks`` ``count`` tasks and writes
    the ids RabbitMQ confirmed;
 4. once ``--fault-at`` of them completed, injects ``--fault`` (:mod:`localcluster.faults`:
@@ -312,7 +312,7 @@ class LocalRun:
         )
         if self.prometheus is not None:
             waited = self.prometheus.wait_scraping()
-            self.say(f"Prometheus scrapes every RabbitMQ pod ({waited:.1f} s more)")
+            self.say(f"Prometheus scrapes every RabbitMQ and worker pod ({waited:.1f} s more)")
 
     def _start_prometheus(self, stack: str, overrides: dict[str, Any]) -> dict[str, str]:
         """The run's Prometheus, once the RabbitMQ pods are Ready: the rules at the twin's
@@ -321,19 +321,23 @@ class LocalRun:
         args, stack_monitoring = prometheus.monitoring_args(stack, overrides, self.vhost)
         self.prometheus = prometheus.RunPrometheus(self.twin, args)
         took = self.prometheus.start()
+        # The worker pods it scrapes follow the run's (Ready, replaced, deleted).
+        self.workers.on_scraped = self.prometheus.scrape_workers
         sized = args.monitoring
         self.prometheus_info = {
             "prometheus": self.prometheus.version,
             "scrape_interval_s": sized.scrape_interval_seconds,
             "evaluation_interval_s": self.prometheus.evaluation_seconds,
             "node_down_for_s": sized.node_down_seconds,
+            "worker_down_for_s": sized.worker_down_seconds if args.worker_metrics else None,
             "started_s": round(took, 2),
         }
         self.say(
             f"Prometheus {self.prometheus.version} Ready after {took:.1f} s at "
             f"{self.prometheus.url} (scrape and evaluation every "
             f"{sized.scrape_interval_seconds} s, RabbitMQNodeDown after "
-            f"{sized.node_down_seconds} s)"
+            f"{sized.node_down_seconds} s, CeleryWorkerDown after "
+            f"{sized.worker_down_seconds} s)"
         )
         return {"Managed Prometheus": prometheus.twin_adaptation(stack_monitoring, sized)}
 

@@ -14,6 +14,7 @@ import json
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -293,24 +294,45 @@ class PodWorkers:
         self.ledger = self.shared / "ledger.jsonl"
         self.env = {"TASK_LEDGER": str(self.ledger), "COUNT_STEP_SECONDS": repr(step_seconds)}
         self.procs: list[PodWorker] = []
+        #: The worker pods a metrics scrape targets, each from Ready on (at the twin's 2 s
+        #: ``workerDownSeconds`` a booting pod would alert; GKE's 5 min covers a boot)
+        #: until it is deleted, or, killed, until its replacement is Ready.
+        self.scraped: list[str] = []
+        #: Told the new list when it changes (the run's Prometheus: its target file).
+        self.on_scraped: Callable[[list[str]], None] | None = None
 
     def start(self, name: str) -> PodWorker:
         worker = PodWorker(self.twin.start_worker(name, self.env))
         self.procs.append(worker)
         return worker
 
-    def replace(self, old: PodWorker, name: str) -> PodWorker:
-        """A replacement pod for ``old``, in its place (worker 0 stays worker 0)."""
+    def replace(self, old: PodWorker, name: str, timeout: float = 60) -> PodWorker:
+        """A replacement pod for ``old``, in its place (worker 0 stays worker 0), Ready.
+        Only then does it take ``old``'s place among the scraped pods: Kubernetes restarts
+        a killed container in its pod, whose target answers again once the new process
+        serves its metrics; here the replacement has a name (and address) of its own."""
         worker = PodWorker(self.twin.start_worker(name, self.env))
         self.procs[self.procs.index(old)] = worker
+        worker.wait_ready(timeout)
+        self._scrape([*(n for n in self.scraped if n != old.name), name])
         return worker
+
+    def deleted(self, old: PodWorker) -> None:
+        """``old`` exited as a deleted pod does: no longer a target (its pod is gone)."""
+        self._scrape([n for n in self.scraped if n != old.name])
 
     def start_replicas(self, timeout: float = 120) -> list[PodWorker]:
         """The Deployment's replicas, Ready."""
         started = [self.start(name) for name in self.twin.worker_names()]
         for worker in started:
             worker.wait_ready(timeout)
+        self._scrape([*self.scraped, *(w.name for w in started)])
         return started
+
+    def _scrape(self, names: list[str]) -> None:
+        self.scraped = names
+        if self.on_scraped is not None:
+            self.on_scraped(list(names))
 
     def scheduler(
         self, ids_file: Path, rate: float = 0.0, tasks: int | None = None
