@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -231,3 +232,20 @@ def test_a_volume_smaller_than_the_disk_alarm_allows_is_rejected() -> None:
     _rejected(config, "prod", "celery-cluster:rabbitmq.storageSize", "'9Gi'", "4.80 GiB", "1.5 x")
     fits = _with("prod", "celery-cluster:rabbitmq", ["storageSize"], "10Gi")
     assert run_program(fits, "prod").error is None
+
+
+def test_pulumi_yaml_declares_every_top_level_key_the_program_reads() -> None:
+    """`pulumi config` and the project's readers see each key, with its sub-keys named."""
+    import yaml
+
+    from components import config as stack_config_module
+
+    project = yaml.safe_load((Path(__file__).parents[2] / "Pulumi.yaml").read_text())
+    declared = set(project["config"])
+    assert declared == set(stack_config_module._TOP_LEVEL), declared ^ set(
+        stack_config_module._TOP_LEVEL
+    )
+    described = project["config"]["autoscaling"]["description"]
+    for key in ("keda", "minReplicas", "maxReplicas", "messagesPerReplica", "cooldownSeconds"):
+        assert key in described, key
+    assert "workerPool" in project["config"]["gke"]["description"]
