@@ -19,6 +19,7 @@ ids.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any
@@ -28,6 +29,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 #: Run-time buckets (seconds): the article's tasks run 1-10 s; up to the 10-minute
 #: tasks a grace period would still cover.
+log = logging.getLogger(__name__)
+
 RUNTIME_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
@@ -116,8 +119,18 @@ def install(port: int) -> WorkerMetrics | None:
     metrics = WorkerMetrics()
     metrics.connect()
 
-    def serve(**_: Any) -> None:
-        metrics.serve(port)
+    def serve() -> None:
+        try:
+            metrics.serve(port)
+        except OSError:
+            # Metrics never stop a worker from consuming: a scrape that fails is what
+            # CeleryWorkerDown reports.
+            log.exception("could not serve metrics on port %d", port)
 
-    signals.worker_init.connect(serve, weak=False)
+    def start(**_: Any) -> None:
+        # In a thread of its own: binding resolves the host's name (http.server's
+        # getfqdn), which must not hold up the consumer where DNS is slow.
+        threading.Thread(target=serve, name="metrics-http", daemon=True).start()
+
+    signals.worker_init.connect(start, weak=False)
     return metrics

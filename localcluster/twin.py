@@ -61,7 +61,8 @@ ADAPTATIONS = {
     "image user": "the official RabbitMQ image's user is uid/gid 999; the Debian root's "
     "`rabbitmq` user is renumbered to the pod's runAsUser in the pod's /etc/passwd",
     "PersistentVolumeClaim": "a directory per pod and claim that outlives the pod",
-    "Service DNS": "an /etc/hosts in every pod with each StatefulSet pod's "
+    "Service DNS": "an /etc/hosts in every pod (the Celery pods' with their own name, as "
+    "the kubelet writes it) with each StatefulSet pod's "
     "<pod>.<service>.<namespace> and ...svc.cluster.local names",
     "secrets": "generated for the run (the program's RandomPassword results), never the "
     "deployed ones",
@@ -661,7 +662,9 @@ class StatefulSetTwin:
         extra_args: Sequence[str] = (),
     ) -> pods.Pod:
         files = self.files(name)
-        spec = python_pod(self.rendered, workload, name, files, self.hosts, extra_env, extra_args)
+        spec = python_pod(
+            self.rendered, workload, name, files, self.pod_hosts(name, files), extra_env, extra_args
+        )
         return self.start_extra_pod(spec)
 
     def start_extra_pod(self, spec: pods.PodSpec) -> pods.Pod:
@@ -680,6 +683,15 @@ class StatefulSetTwin:
         pod = self.extra_pods.pop(name, None)
         if pod is not None:
             pod.remove()
+
+    def pod_hosts(self, name: str, files: PodFiles) -> Path:
+        """The pod's /etc/hosts: the run's, plus the pod's own name at its address, as the
+        kubelet writes it (a lookup of the pod's own name must not wait for a DNS)."""
+        hosts = files.volume("etc-hosts") / "hosts"
+        hosts.parent.mkdir(parents=True, exist_ok=True)
+        hosts.write_text(self.hosts.read_text() + f"{self.network.address_of(name)}\t{name}\n")
+        hosts.chmod(0o644)
+        return hosts
 
     @property
     def deployment(self) -> dict[str, Any]:
