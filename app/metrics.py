@@ -27,11 +27,16 @@ from typing import Any
 from celery import signals
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-#: Run-time buckets (seconds): the article's tasks run 1-10 s; up to the 10-minute
-#: tasks a grace period would still cover.
 log = logging.getLogger(__name__)
 
+#: Run-time buckets (seconds): the article's tasks run 1-10 s; up to the 10-minute
+#: tasks a grace period would still cover.
 RUNTIME_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+def _task_name(task_or_request: Any) -> str:
+    """The ``task`` label: the task's name (a Task or a Request carries it)."""
+    return getattr(task_or_request, "name", None) or "unknown"
 
 
 class WorkerMetrics:
@@ -68,21 +73,21 @@ class WorkerMetrics:
 
     # -- signal receivers (weak=False: bound methods must outlive the caller) --------
     def on_received(self, request: Any = None, **_: Any) -> None:
-        name = getattr(request, "name", None) or "unknown"
+        name = _task_name(request)
         self.received.labels(name).inc()
         delivery = getattr(request, "delivery_info", None) or {}
         if delivery.get("redelivered"):
             self.redelivered.labels(name).inc()
 
     def on_prerun(self, task_id: str = "", task: Any = None, **_: Any) -> None:
-        name = getattr(task, "name", None) or "unknown"
+        name = _task_name(task)
         self.started.labels(name).inc()
         self.running.labels(name).inc()
         with self._lock:
             self._started_at[task_id] = time.monotonic()
 
     def on_postrun(self, task_id: str = "", task: Any = None, **_: Any) -> None:
-        name = getattr(task, "name", None) or "unknown"
+        name = _task_name(task)
         with self._lock:
             began = self._started_at.pop(task_id, None)
         if began is not None:
@@ -90,13 +95,13 @@ class WorkerMetrics:
             self.running.labels(name).dec()
 
     def on_success(self, sender: Any = None, **_: Any) -> None:
-        self.succeeded.labels(getattr(sender, "name", None) or "unknown").inc()
+        self.succeeded.labels(_task_name(sender)).inc()
 
     def on_failure(self, sender: Any = None, **_: Any) -> None:
-        self.failed.labels(getattr(sender, "name", None) or "unknown").inc()
+        self.failed.labels(_task_name(sender)).inc()
 
     def on_retry(self, sender: Any = None, **_: Any) -> None:
-        self.retried.labels(getattr(sender, "name", None) or "unknown").inc()
+        self.retried.labels(_task_name(sender)).inc()
 
     def connect(self) -> None:
         signals.task_received.connect(self.on_received, weak=False)
@@ -107,7 +112,8 @@ class WorkerMetrics:
         signals.task_retry.connect(self.on_retry, weak=False)
 
     def serve(self, port: int) -> None:
-        """The ``/metrics`` endpoint, on every address (the pod's), in a daemon thread."""
+        """The ``/metrics`` endpoint, on every address (the pod's); prometheus_client
+        answers from a daemon thread of its own once bound."""
         start_http_server(port, registry=self.registry)
 
 

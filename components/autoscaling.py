@@ -26,7 +26,6 @@ unacknowledged (late acks) and goes back to the queue when its connection closes
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +39,7 @@ from components import kube
 from components.config import AutoscalingConfig, StackConfig
 from components.kube import Manifest
 from components.names import WORKER_APP, app_labels
-from components.rabbitmq import MONITOR_USERNAME, VHOST
+from components.rabbitmq import MONITOR_USERNAME, VHOST, secret_data
 from components.workers import DEPLOYMENT
 
 API_VERSION = "keda.sh/v1alpha1"
@@ -121,13 +120,10 @@ def keda_release(
 
 
 def monitor_secret_data(args: AutoscalingArgs, password: str) -> dict[str, str]:
-    """Base64 ``data`` (server-side apply tracks it, as in components.rabbitmq)."""
-    plain = {
-        HOST_KEY: args.management_url,
-        USERNAME_KEY: args.monitor_username,
-        PASSWORD_KEY: password,
-    }
-    return {k: base64.b64encode(v.encode()).decode() for k, v in plain.items()}
+    """Base64 ``data``, as the RabbitMQ Secret's (server-side apply tracks it)."""
+    return secret_data(
+        {HOST_KEY: args.management_url, USERNAME_KEY: args.monitor_username, PASSWORD_KEY: password}
+    )
 
 
 def monitor_secret(args: AutoscalingArgs, data: pulumi.Input[Mapping[str, str]]) -> Manifest:

@@ -300,6 +300,12 @@ class WorkersConfig:
     def termination_grace_seconds(self) -> int:
         return max(60, self.longest_task_seconds + 30)
 
+    @property
+    def serves_metrics(self) -> bool:
+        """The workers serve app.metrics: every pool but prefork, whose tasks run in
+        child processes one HTTP server cannot count."""
+        return self.pool != "prefork"
+
 
 @dataclass(frozen=True)
 class MonitoringConfig:
@@ -634,13 +640,36 @@ MONITORING_SECONDS = {
 }
 
 
-def _check_monitoring(monitoring: MonitoringConfig) -> None:
-    for name, (least, most) in MONITORING_SECONDS.items():
-        value = getattr(monitoring, name)
+def _check_ranges(section: str, settings: object, bounds: Mapping[str, tuple[int, int]]) -> None:
+    """Each of ``settings``' fields named in ``bounds`` within its (least, most)."""
+    for name, (least, most) in bounds.items():
+        value = getattr(settings, name)
         if not least <= value <= most:
             raise ConfigError(
-                _key(f"monitoring.{_camel(name)}"), value, f"an integer from {least} to {most}"
+                _key(f"{section}.{_camel(name)}"), value, f"an integer from {least} to {most}"
             )
+
+
+def _check_min_max(
+    section: str, names: tuple[str, str], values: tuple[int, int], most: int, why_least: str
+) -> None:
+    """A (minimum, maximum) pair: the minimum from 1 to ``most`` (``why_least`` says why
+    not 0), the maximum from the minimum to ``most``."""
+    (low_name, high_name), (low, high) = names, values
+    if not 1 <= low <= most:
+        raise ConfigError(
+            _key(f"{section}.{low_name}"), low, f"an integer from 1 to {most}: {why_least}"
+        )
+    if not low <= high <= most:
+        raise ConfigError(
+            _key(f"{section}.{high_name}"),
+            high,
+            f"an integer from {section}.{low_name} ({low}) to {most}",
+        )
+
+
+def _check_monitoring(monitoring: MonitoringConfig) -> None:
+    _check_ranges("monitoring", monitoring, MONITORING_SECONDS)
     # The queue metrics are scraped every other interval; a trend needs two samples.
     if monitoring.backlog_window_seconds < 4 * monitoring.scrape_interval_seconds:
         raise ConfigError(
@@ -653,8 +682,8 @@ def _check_monitoring(monitoring: MonitoringConfig) -> None:
 
 MAX_NODES_PER_ZONE = 1000  # GKE's limit per node pool and zone
 MAX_WORKER_REPLICAS = 1000
-POLLING_INTERVAL_SECONDS = (5, 3600)
-COOLDOWN_SECONDS = (0, 86_400)
+#: Each autoscaling setting in seconds: (least, most) allowed.
+AUTOSCALING_SECONDS = {"polling_interval_seconds": (5, 3600), "cooldown_seconds": (0, 86_400)}
 _HELM_VERSION = re.compile(r"^\d+\.\d+\.\d+$")
 
 
@@ -668,20 +697,14 @@ def _check_worker_pool(config: StackConfig) -> None:
             pool.machine_type,
             "a Compute Engine machine type such as e2-standard-2",
         )
-    if not 1 <= pool.min_nodes_per_zone <= MAX_NODES_PER_ZONE:
-        raise ConfigError(
-            _key("gke.workerPool.minNodesPerZone"),
-            pool.min_nodes_per_zone,
-            f"an integer from 1 to {MAX_NODES_PER_ZONE}: RabbitMQ's pool is tainted, so "
-            "cluster services (DNS, KEDA, metrics collectors) need a worker node",
-        )
-    if not pool.min_nodes_per_zone <= pool.max_nodes_per_zone <= MAX_NODES_PER_ZONE:
-        raise ConfigError(
-            _key("gke.workerPool.maxNodesPerZone"),
-            pool.max_nodes_per_zone,
-            f"an integer from gke.workerPool.minNodesPerZone ({pool.min_nodes_per_zone}) "
-            f"to {MAX_NODES_PER_ZONE}",
-        )
+    _check_min_max(
+        "gke.workerPool",
+        ("minNodesPerZone", "maxNodesPerZone"),
+        (pool.min_nodes_per_zone, pool.max_nodes_per_zone),
+        MAX_NODES_PER_ZONE,
+        "RabbitMQ's pool is tainted, so cluster services (DNS, KEDA, metrics collectors) "
+        "need a worker node",
+    )
     if pool.spot and config.production:
         raise ConfigError(
             _key("gke.workerPool.spot"),
@@ -726,35 +749,21 @@ def _check_autoscaling(config: StackConfig) -> None:
             "(autoscaling.keda: install), or pin a KEDA chart that supports it "
             "(autoscaling.kedaChartVersion)",
         )
-    if not 1 <= scaling.min_replicas <= MAX_WORKER_REPLICAS:
-        raise ConfigError(
-            _key("autoscaling.minReplicas"),
-            scaling.min_replicas,
-            f"an integer from 1 to {MAX_WORKER_REPLICAS}: a worker always consumes "
-            "(scaling to zero leaves new tasks waiting for a poll and a pod start)",
-        )
-    if not scaling.min_replicas <= scaling.max_replicas <= MAX_WORKER_REPLICAS:
-        raise ConfigError(
-            _key("autoscaling.maxReplicas"),
-            scaling.max_replicas,
-            f"an integer from autoscaling.minReplicas ({scaling.min_replicas}) "
-            f"to {MAX_WORKER_REPLICAS}",
-        )
+    _check_min_max(
+        "autoscaling",
+        ("minReplicas", "maxReplicas"),
+        (scaling.min_replicas, scaling.max_replicas),
+        MAX_WORKER_REPLICAS,
+        "a worker always consumes (scaling to zero leaves new tasks waiting for a poll and "
+        "a pod start)",
+    )
     if scaling.messages_per_replica is not None and scaling.messages_per_replica < 1:
         raise ConfigError(
             _key("autoscaling.messagesPerReplica"),
             scaling.messages_per_replica,
             "an integer >= 1, or null for workers.concurrency",
         )
-    for name, (least, most) in (
-        ("polling_interval_seconds", POLLING_INTERVAL_SECONDS),
-        ("cooldown_seconds", COOLDOWN_SECONDS),
-    ):
-        value = getattr(scaling, name)
-        if not least <= value <= most:
-            raise ConfigError(
-                _key(f"autoscaling.{_camel(name)}"), value, f"an integer from {least} to {most}"
-            )
+    _check_ranges("autoscaling", scaling, AUTOSCALING_SECONDS)
 
 
 def validate(config: StackConfig) -> None:

@@ -74,7 +74,7 @@ class MonitoringArgs:
             replicas=config.rabbitmq.replicas,
             vhost=vhost,
             longest_task_seconds=config.workers.longest_task_seconds,
-            worker_metrics=config.workers.pool != "prefork",
+            worker_metrics=config.workers.serves_metrics,
         )
 
 
@@ -375,24 +375,21 @@ def _alert_rule(alert: Alert) -> dict[str, Any]:
     return rule
 
 
-def rules(args: MonitoringArgs) -> Manifest:
+def _rules(name: str, app: str, namespace: str, groups: list[dict[str, Any]]) -> Manifest:
     return {
         "apiVersion": API_VERSION,
         "kind": "Rules",
-        "metadata": kube.metadata(RULES_NAME, app_labels(RABBITMQ_APP, "alerts"), args.namespace),
-        "spec": {"groups": rule_groups(args)},
+        "metadata": kube.metadata(name, app_labels(app, "alerts"), namespace),
+        "spec": {"groups": groups},
     }
+
+
+def rules(args: MonitoringArgs) -> Manifest:
+    return _rules(RULES_NAME, RABBITMQ_APP, args.namespace, rule_groups(args))
 
 
 def worker_rules(args: MonitoringArgs) -> Manifest:
-    return {
-        "apiVersion": API_VERSION,
-        "kind": "Rules",
-        "metadata": kube.metadata(
-            WORKER_RULES_NAME, app_labels(WORKER_APP, "alerts"), args.workers_namespace
-        ),
-        "spec": {"groups": worker_rule_groups(args)},
-    }
+    return _rules(WORKER_RULES_NAME, WORKER_APP, args.workers_namespace, worker_rule_groups(args))
 
 
 def objects(args: MonitoringArgs) -> Sequence[Manifest]:

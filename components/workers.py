@@ -63,11 +63,6 @@ class CeleryWorkersArgs:
             autoscaled=config.autoscaled,
         )
 
-    @property
-    def serves_metrics(self) -> bool:
-        """prefork runs tasks in child processes, which one HTTP server cannot count."""
-        return self.workers.pool != "prefork"
-
 
 def _placement(args: CeleryWorkersArgs) -> Manifest:
     return pool_placement(WORKER_POOL) if args.dedicated_pool else {}
@@ -147,29 +142,23 @@ def deployment(args: CeleryWorkersArgs, image: pulumi.Input[str]) -> Manifest:
         }
         for key in ("kubernetes.io/hostname", "topology.kubernetes.io/zone")
     ]
+    env: list[Manifest] = [
+        *_broker_env(),
+        {"name": ENV_POOL, "value": workers.pool},
+        {"name": ENV_CONCURRENCY, "value": str(workers.concurrency)},
+    ]
+    metrics: Manifest = {}
+    if workers.serves_metrics:
+        env.append({"name": ENV_METRICS_PORT, "value": str(METRICS_PORT)})
+        metrics["ports"] = [
+            {"name": METRICS_PORT_NAME, "containerPort": METRICS_PORT, "protocol": "TCP"}
+        ]
     container = {
         "name": "worker",
         "image": image,
         "command": worker_command(),
-        "env": [
-            *_broker_env(),
-            {"name": ENV_POOL, "value": workers.pool},
-            {"name": ENV_CONCURRENCY, "value": str(workers.concurrency)},
-            *(
-                [{"name": ENV_METRICS_PORT, "value": str(METRICS_PORT)}]
-                if args.serves_metrics
-                else []
-            ),
-        ],
-        **(
-            {
-                "ports": [
-                    {"name": METRICS_PORT_NAME, "containerPort": METRICS_PORT, "protocol": "TCP"}
-                ]
-            }
-            if args.serves_metrics
-            else {}
-        ),
+        "env": env,
+        **metrics,
         "resources": workers.resources.to_kubernetes(),
         "securityContext": kube.container_security_context(),
         # A worker whose consumer loop is wedged stops refreshing its heartbeat
@@ -242,7 +231,7 @@ def pod_disruption_budget(args: CeleryWorkersArgs) -> Manifest:
 def network_policy(args: CeleryWorkersArgs) -> Manifest:
     """Workers and the scheduler serve nothing but the workers' metrics: no other ingress."""
     spec: Manifest = {"podSelector": {}, "policyTypes": ["Ingress"]}
-    if args.serves_metrics:
+    if args.workers.serves_metrics:
         spec["ingress"] = [
             {
                 # Managed Prometheus' collectors (gmp-system) scrape; any namespace may.

@@ -475,10 +475,7 @@ class RunPrometheus:
         os.chown(data_dir, UID, GID)
         # Prometheus looks its own hostname up when it loads the scrape config (GetFQDN):
         # without it in /etc/hosts that is a DNS query the pod network never answers, 10 s.
-        hosts = files.volume("hosts") / "hosts"
-        hosts.parent.mkdir(parents=True, exist_ok=True)
-        hosts.write_text(self.twin.hosts.read_text() + f"127.0.1.1\t{POD_NAME}\n")
-        hosts.chmod(0o644)
+        hosts = self.twin.pod_hosts(POD_NAME, files)
         self.pod = self.twin.start_extra_pod(self.pod_spec(config_dir, data_dir, hosts))
         deadline = begin + timeout
         while not self._ready():
